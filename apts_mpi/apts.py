@@ -1,0 +1,360 @@
+"""APTS: one parameter subdomain per rank (apts-method.md sections 2, 3 and 6).
+
+One iteration on a minibatch B (the same on every rank; kept fixed for the whole iteration):
+
+1. every rank holds theta_k and Delta_k; theta_k is saved so a rejection restores it bitwise;
+2. local phase: the ranks of subdomain d run at most ``local_iters`` trust-region iterations on
+   f_d(u) = f(theta_k + R_d^T u), other coordinates frozen, from u = 0 with the local radius
+   started at ``local_fraction * Delta_k``;
+3. the corrections u_d are assembled with one ``Allgatherv`` into a preallocated flat vector s (no
+   arithmetic, so every rank holds the same bits), pred = sum_d delta_d with one scalar Allreduce;
+4. f(theta_k + s) is evaluated on each rank's share of B and summed; rank 0, the coordinator,
+   computes rho and decides; decision, rho and new radius reach every rank in one ``Bcast``;
+5. optional global pass: ``global_iters`` trust-region iterations on all of theta, with loss and
+   gradient summed over the ranks' shares of B; rank 0 decides each and broadcasts.
+
+Decisions this module takes where the method page leaves room (apts-method.md sections 3-6):
+
+* Local budget.  Every local step radius is min(local radius, b) with b = local_fraction * Delta_k,
+  and the accumulated correction u is clipped to the box ||u||_inf <= b; the predicted decrease of a
+  local step is that of the clipped step.  So ||s||_inf <= b at every local iterate, and local
+  iterations past the first still make progress along the faces of the box.
+* The assembled s is applied as theta_k + s on every rank (the owner of a subdomain does not keep its
+  own local iterate), so all ranks hold bitwise identical parameters.
+* The acceptance evaluation also computes the gradient when a global pass follows: the pass starts
+  from an accepted point without evaluating it again; after a rejection it starts from theta_k with
+  the gradient assembled from the local phases' first evaluations (one Allgatherv, no computation).
+* f(theta_k) in rho is the coordinator's own f_0(0).
+* ``acceptance="none"``: s is always applied, except a non-finite trial loss, which is rejected in
+  every mode (applying it would end the run).  ``nonmonotone``: the numerator uses the largest of
+  f(theta_k) and the losses of the last ``window`` accepted iterates.
+* Local quasi-Newton pairs live on the rank that owns the subdomain, sized by the subdomain.
+* Hybrid grid: world = N * replicas ranks; rank = d * replicas + j.  The replicas of subdomain d
+  split the minibatch in their local phase and sum loss and gradient within their communicator.
+* Serial emulation: on one rank with ``subdomains=N`` the N local phases run one after another;
+  the result equals the N-rank run up to the rounding of the shared evaluations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .comm import Comm
+from .decomposition import STRATEGIES, Subdomain, decompose
+from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
+
+ACCEPTANCE = ("ratio", "none", "nonmonotone")
+
+
+@dataclass
+class IterationReport:
+    """What one APTS iteration did (apts-method.md section 3, step 6)."""
+
+    loss: float = math.nan            # f(theta_k)
+    trial_loss: float = math.nan      # f(theta_k + s)
+    final_loss: float = math.nan      # loss after the global pass (the next iterate's, on this batch)
+    pred: float = math.nan
+    rho: float = math.nan
+    accepted: bool = False
+    radius: float = math.nan          # Delta_{k+1}
+    step_inf: float = math.nan        # ||s||_inf
+    local_loss_evals: int = 0         # this rank
+    local_grad_evals: int = 0
+    local_loss_evals_total: int = 0   # all ranks
+    local_grad_evals_total: int = 0
+    global_loss_evals: int = 0        # shared evaluations of the whole objective
+    global_grad_evals: int = 0
+    global_accepted: int = 0
+    global_rejected: int = 0
+    seconds_local: float = 0.0
+    seconds_comm: float = 0.0
+    seconds_global: float = 0.0
+    seconds: float = 0.0
+
+
+def _positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+class APTS:
+    """Additively Preconditioned Trust-region Strategy across the ranks of ``comm``.
+
+    ``APTS(model, loss_fn, comm, **keywords)``; ``step(inputs, targets) -> loss`` runs one iteration
+    on the minibatch (the same on every rank) and returns the loss at the new iterate.  ``loss_fn``
+    is a mean over samples (like ``cross_entropy``).  ``comm`` is an mpi4py communicator
+    (default ``COMM_SELF``: serial emulation).
+
+    Keywords (validated): the TrustRegion radius keywords ``radius``, ``max_radius``,
+    ``min_radius``, ``eta1``, ``eta2``, ``decrease``, ``increase``, ``norm``; ``subdomains``
+    (default: world size / replicas), ``decomposition`` ("balanced", "random-tensors", "flat"),
+    ``local_iters=5``, ``local_fraction=1.0``, ``local_model`` ("first-order", "lsr1", "lbfgs"),
+    ``memory=5``, ``acceptance`` ("ratio", "none", "nonmonotone"), ``window=5``, ``global_iters=1``
+    (0: no global pass), ``global_model="first-order"``, ``foc=False``, ``seed=0``, ``replicas=1``,
+    ``step="cauchy"``.  ``report`` holds the :class:`IterationReport` of the last iteration.
+
+    Raises ValueError for a bad keyword or a world size that does not match subdomains * replicas.
+    """
+
+    def __init__(self, model, loss_fn, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
+                 eta1=0.25, eta2=0.75, decrease=0.5, increase=2.0, norm="inf", step="cauchy",
+                 subdomains=None, decomposition="balanced", local_iters=5, local_fraction=1.0,
+                 local_model="first-order", memory=5, acceptance="ratio", window=5, global_iters=1,
+                 global_model="first-order", foc=False, seed=0, replicas=1):
+        self.model, self.loss_fn = model, loss_fn
+        self.comm = Comm(comm)
+        world = self.comm.size
+        self.replicas = _positive_int("replicas", replicas)
+        if world % self.replicas:
+            raise ValueError(f"world size {world} is not divisible by replicas={self.replicas}")
+        if world > 1:
+            expected = world // self.replicas
+            if subdomains is not None and subdomains != expected:
+                raise ValueError(f"subdomains={subdomains} does not match world size {world} / "
+                                 f"replicas {self.replicas} = {expected} ranks per replica")
+            subdomains = expected
+        elif self.replicas != 1:
+            raise ValueError("replicas > 1 needs a world of subdomains * replicas ranks")
+        self.n_subdomains = _positive_int("subdomains", 1 if subdomains is None else subdomains)
+        self.local_iters = _positive_int("local_iters", local_iters)
+        self.global_iters = _positive_int("global_iters", global_iters, minimum=0)
+        self.window = _positive_int("window", window)
+        if not (isinstance(local_fraction, (int, float)) and 0 < local_fraction <= 1):
+            raise ValueError(f"local_fraction must lie in (0, 1]; got {local_fraction!r}")
+        self.local_fraction = float(local_fraction)
+        if acceptance not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}; got {acceptance!r}")
+        if local_model not in MODELS or global_model not in MODELS:
+            raise ValueError(f"local_model and global_model must be one of {', '.join(MODELS)}; "
+                             f"got {local_model!r}, {global_model!r}")
+        if decomposition not in STRATEGIES:
+            raise ValueError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {decomposition!r}")
+        self.acceptance, self.foc = acceptance, bool(foc)
+
+        base = dict(radius=radius, max_radius=max_radius, min_radius=min_radius, eta1=eta1,
+                    eta2=eta2, decrease=decrease, increase=increase, memory=memory, norm=norm,
+                    step=step)
+        self.config = TrustRegionConfig(model=global_model, **base)
+        local_config = TrustRegionConfig(model=local_model, **base)
+        self.radius = self.config.radius
+
+        parts = decompose(model, self.n_subdomains, decomposition, seed)
+        params = parts[0].params
+        # the global flat layout is the subdomains' pieces in subdomain order: subdomain d occupies
+        # the contiguous slice [offset_d, offset_d + numel_d) of every n-vector.
+        self.whole = Subdomain(params, [p for sd in parts for p in sd.pieces])
+        sizes = [sd.numel for sd in parts]
+        self.offsets = [sum(sizes[:d]) for d in range(len(parts) + 1)]
+        rank = self.comm.rank
+        self.subdomain_id = rank // self.replicas if world > 1 else None
+        owned = range(len(parts)) if world == 1 else [self.subdomain_id]
+        self.local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
+        self.global_core = TrustRegionCore(self.whole, self.config)
+        self.group = Comm(comm.Split(self.subdomain_id, rank)) if self.replicas > 1 else Comm(None)
+
+        # Allgatherv layout: the replicas of subdomain d each send one contiguous chunk of its slice.
+        self.counts, self.displs = [], []
+        for d in range(len(parts)) if world > 1 else []:
+            a, b = self.offsets[d], self.offsets[d + 1]
+            cuts = [a + (b - a) * j // self.replicas for j in range(self.replicas + 1)]
+            self.counts += [cuts[j + 1] - cuts[j] for j in range(self.replicas)]
+            self.displs += cuts[:-1]
+
+        kw = dict(dtype=self.whole.dtype, device=self.whole.device)
+        n = self.whole.numel
+        self.correction = torch.zeros(n, **kw)   # s
+        self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
+        self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
+        self.foc_term = torch.zeros(n, **kw) if self.foc else None
+        self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
+        self.report = IterationReport()
+        self.iteration = 0
+
+    # -- evaluations ------------------------------------------------------------------------------
+    def _batch_loss_sum(self, inputs, targets, share, grad: bool):
+        """sum over the samples of ``share`` of the loss; backward if ``grad``; returns a 0-dim tensor."""
+        x, y = inputs[share], targets[share]
+        if len(y) == 0:
+            return torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
+        with torch.set_grad_enabled(grad):
+            loss = self.loss_fn(self.model(x), y) * len(y)
+            if grad:
+                loss.backward()
+        return loss.detach()
+
+    def _share(self, n_samples, rank, size):
+        return slice(n_samples * rank // size, n_samples * (rank + 1) // size)
+
+    def _shared_evaluate(self, inputs, targets, comm: Comm, subdomain: Subdomain, grad_out=None):
+        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s shares of B."""
+        B = len(targets)
+        share = self._share(B, comm.rank, comm.size)
+        if grad_out is not None:
+            self.model.zero_grad(set_to_none=False)
+        loss = self._batch_loss_sum(inputs, targets, share, grad=grad_out is not None)
+        if grad_out is None:
+            return comm.sum_scalars([float(loss)])[0] / B
+        m = subdomain.numel
+        buf = self.reduce_buffer[:m + 1]
+        subdomain.gather(buf[:m], grad=True)
+        buf[m] = loss
+        comm.allreduce_(buf)
+        torch.div(buf[:m], B, out=grad_out)
+        return buf[m] / B
+
+    # -- the iteration ----------------------------------------------------------------------------
+    def _decide(self, loss0, trial, pred):
+        """Coordinator's rule for the assembled step: (accept, rho, new radius)."""
+        finite = math.isfinite(trial)
+        reference = max([loss0, *self.history]) if self.acceptance == "nonmonotone" else loss0
+        rho = (reference - trial) / pred if (finite and pred > 0) else -math.inf
+        if self.acceptance == "none":
+            return finite, rho, self.radius
+        accept = finite and pred > 0 and rho >= self.config.eta1
+        return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
+
+    def _broadcast_decision(self, decide):
+        def wrapped(*args):
+            accept, rho, radius = decide(*args) if self.comm.rank == 0 else (False, 0.0, 0.0)
+            accept, rho, radius = self.comm.bcast([accept, rho, radius])
+            return bool(accept), rho, radius
+        return wrapped
+
+    def _local_phase(self, d, core, inputs, targets, saved):
+        """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
+        sub = core.subdomain
+        a, b = self.offsets[d], self.offsets[d + 1]
+        mine = {id(sub.params[q.index]) for q in sub.pieces}
+        frozen = [p for p in self.whole.params if id(p) not in mine]
+        for p in frozen:
+            p.requires_grad_(False)  # no weight gradients for frozen tensors
+        try:
+            def evaluate(grad_out):
+                loss = self._shared_evaluate(inputs, targets, self.group, sub, grad_out)
+                if self.foc:  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
+                    u = sub.gather(torch.empty_like(grad_out)).sub_(saved[a:b])
+                    loss = loss + self.foc_term[a:b].dot(u)
+                    grad_out.add_(self.foc_term[a:b])
+                return loss
+
+            foc, self.foc = self.foc, False  # the first evaluation is f_d(0), without the FOC term
+            try:
+                loss0 = float(core._count(evaluate, core.grad))
+            finally:
+                self.foc = foc
+            self.grad0[a:b].copy_(core.grad)
+            if self.foc:
+                self.foc_term[a:b].sub_(core.grad)
+                core.grad.add_(self.foc_term[a:b])
+            core.radius = self.local_fraction * self.radius
+            loss = core.run(evaluate, self.local_iters, loss=loss0, box=self.local_fraction * self.radius)
+            self.correction[a:b].copy_(core.offset)
+            sub.scatter(saved[a:b])  # back to theta_k: every rank applies the same theta_k + s
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return max(loss0 - loss, 0.0), loss0
+
+    @torch.no_grad()
+    def step(self, inputs, targets) -> float:
+        """One APTS iteration on the minibatch (inputs, targets); returns the loss at the new iterate."""
+        t_start = time.perf_counter()
+        comm, world = self.comm, self.comm.size
+        comm_s0 = comm.seconds + self.group.seconds
+        glob = self.global_core
+        saved = glob.saved
+        self.whole.gather(saved)  # theta_k
+        r = IterationReport()
+        before = {d: (c.counters.loss_evals, c.counters.grad_evals) for d, c in self.local.items()}
+
+        if self.foc:
+            self.model.zero_grad(set_to_none=False)
+            self._shared_evaluate(inputs, targets, comm, self.whole, self.foc_term)
+
+        # 2. local phase
+        t0 = time.perf_counter()
+        delta, loss0 = 0.0, math.nan
+        for d, core in self.local.items():
+            delta_d, f0 = self._local_phase(d, core, inputs, targets, saved)
+            if self.comm.rank % self.replicas == 0:  # one replica reports delta_d
+                delta += delta_d
+            if d == 0:
+                loss0 = f0  # the coordinator's f(theta_k)
+        r.local_loss_evals = sum(c.counters.loss_evals - before[d][0] for d, c in self.local.items())
+        r.local_grad_evals = sum(c.counters.grad_evals - before[d][1] for d, c in self.local.items())
+        t_local = time.perf_counter() - t0
+        comm_local = self.group.seconds + comm.seconds - comm_s0
+
+        # 3. additive combination
+        comm.allgatherv_(self.correction, self.counts, self.displs)
+        pred, r.local_loss_evals_total, r.local_grad_evals_total = comm.sum_scalars(
+            [delta, r.local_loss_evals, r.local_grad_evals])
+        loss0 = comm.bcast([loss0])[0]
+        self.whole.add_(self.correction)
+        r.step_inf = float(self.correction.abs().max())
+
+        comm_combine = comm.seconds + self.group.seconds - comm_s0 - comm_local
+
+        # 4. acceptance, on shares of B
+        t0 = time.perf_counter()
+        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
+        need_grad = self.global_iters > 0
+        trial = float(self._shared_evaluate(inputs, targets, comm, self.whole,
+                                            glob.grad if need_grad else None))
+        glob.counters.loss_evals += 1
+        glob.counters.grad_evals += int(need_grad)
+        accept, rho, self.radius = self._broadcast_decision(self._decide)(loss0, trial, pred)
+        if accept:
+            if self.acceptance == "nonmonotone":
+                self.history.append(trial)
+            loss = trial
+        else:
+            self.whole.scatter(saved)
+            loss = loss0
+            if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
+                glob.grad.copy_(self.grad0)
+                comm.allgatherv_(glob.grad, self.counts, self.displs)
+
+        # 5. global pass
+        acc0, rej0 = glob.counters.accepted, glob.counters.rejected
+        if self.global_iters:
+            glob.radius = self.radius
+            evaluate = lambda out: self._shared_evaluate(inputs, targets, comm, self.whole, out)
+            loss = glob.run(evaluate, self.global_iters, loss=loss,
+                            decide=self._broadcast_decision(glob._decide))
+            self.radius = glob.radius
+        t_global = time.perf_counter() - t0
+
+        r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
+        r.accepted, r.radius = accept, self.radius
+        r.global_loss_evals = glob.counters.loss_evals - ev_before[0]
+        r.global_grad_evals = glob.counters.grad_evals - ev_before[1]
+        r.global_accepted = glob.counters.accepted - acc0
+        r.global_rejected = glob.counters.rejected - rej0
+        r.seconds_comm = comm.seconds + self.group.seconds - comm_s0
+        comm_global = r.seconds_comm - comm_local - comm_combine
+        r.seconds_local, r.seconds_global = t_local - comm_local, t_global - comm_global
+        r.seconds = time.perf_counter() - t_start
+        self.report = r
+        self.iteration += 1
+        return loss
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Radius, window, iteration count and every engine's state owned by this rank."""
+        return {"radius": self.radius, "iteration": self.iteration, "history": list(self.history),
+                "global": self.global_core.state_dict(),
+                "local": {str(d): c.state_dict() for d, c in self.local.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.radius = float(state["radius"])
+        self.iteration = int(state["iteration"])
+        self.history = deque(state["history"], maxlen=self.window)
+        self.global_core.load_state_dict(state["global"])
+        for d, c in self.local.items():
+            c.load_state_dict(state["local"][str(d)])

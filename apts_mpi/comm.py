@@ -1,0 +1,122 @@
+"""The communication layer: an mpi4py communicator, seen through torch tensors.
+
+Buffer methods only (``Allreduce``, ``Allgatherv``, ``Bcast``) on flat, preallocated tensors; never
+one message per parameter tensor.  Host tensors are handed to MPI as NumPy views (no copy).  CUDA
+tensors go to MPI directly when the library is CUDA-aware (detected, or forced with
+``APTS_CUDA_AWARE=1``/``0``), else through a reusable pinned host buffer; either way the device is
+synchronised before the MPI call, since MPI cannot see the CUDA stream.
+
+Run on several ranks as ``mpiexec -n 4 python -m mpi4py -m apts_mpi ...`` so that an exception on
+one rank aborts the whole job.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+
+def cuda_aware() -> bool:
+    """Whether the MPI library accepts CUDA device buffers (``APTS_CUDA_AWARE`` overrides)."""
+    forced = os.environ.get("APTS_CUDA_AWARE")
+    if forced is not None:
+        return forced.strip().lower() in ("1", "true", "yes")
+    query = getattr(MPI, "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:  # an MPI without the MPIX extension
+        return False
+
+
+def node_local_rank(comm) -> tuple[int, int]:
+    """(rank, size) among the ranks of ``comm`` that share this node (``COMM_TYPE_SHARED``)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def select_device(comm, request: str = "auto") -> torch.device:
+    """The device of this rank: ``cpu``, ``cuda`` (GPU = node-local rank mod GPU count) or ``auto``.
+
+    Raises ValueError when CUDA is asked for and there is none.
+    """
+    if request not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {request!r}")
+    if request == "cpu" or (request == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device on this node")
+    local_rank, _ = node_local_rank(comm)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+class Comm:
+    """Collectives on torch tensors over one mpi4py communicator; ``seconds`` accumulates their time."""
+
+    def __init__(self, comm=None):
+        self.comm = comm if comm is not None else MPI.COMM_SELF
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.cuda_aware = cuda_aware()
+        self.seconds = 0.0
+        self.bytes = 0
+        self._host = {}
+
+    def _buffer(self, tensor: torch.Tensor):
+        """(MPI buffer, copy-back tensor or None) for a contiguous tensor."""
+        if tensor.device.type == "cpu":
+            return tensor.numpy(), None
+        torch.cuda.synchronize(tensor.device)  # MPI reads the buffer outside the CUDA stream
+        if self.cuda_aware:
+            return tensor, None
+        key = (tensor.numel(), tensor.dtype)
+        host = self._host.get(key)
+        if host is None:
+            host = self._host[key] = torch.empty(key[0], dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor.view(-1))
+        return host.numpy(), host
+
+    def _timed(self, fn, tensor, *args):
+        start = time.perf_counter()
+        buf, host = self._buffer(tensor)
+        fn(buf, *args)
+        if host is not None:
+            tensor.view(-1).copy_(host)
+        self.seconds += time.perf_counter() - start
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor <- sum over ranks, in place."""
+        if self.size == 1:
+            return tensor
+        return self._timed(lambda buf: self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), tensor)
+
+    def allgatherv_(self, tensor: torch.Tensor, counts, displs) -> torch.Tensor:
+        """Rank p contributes ``tensor[displs[p]:displs[p]+counts[p]]``; every rank gets all, in place."""
+        if self.size == 1:
+            return tensor
+        return self._timed(
+            lambda buf: self.comm.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)]), tensor)
+
+    def bcast(self, values, root: int = 0) -> list[float]:
+        """Broadcast a few float64 scalars from ``root`` (the coordinator's decisions)."""
+        array = np.asarray(values, dtype=np.float64)
+        if self.size > 1:
+            start = time.perf_counter()
+            self.comm.Bcast(array, root=root)
+            self.seconds += time.perf_counter() - start
+        return array.tolist()
+
+    def sum_scalars(self, values) -> list[float]:
+        """Element-wise sum over ranks of a few float64 scalars."""
+        array = np.asarray(values, dtype=np.float64)
+        if self.size > 1:
+            start = time.perf_counter()
+            self.comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+            self.seconds += time.perf_counter() - start
+        return array.tolist()
