@@ -16,7 +16,9 @@ import torch
 from apts_mpi import APTS
 
 torch.set_num_threads(1)
-ITERATIONS = 4
+ITERATIONS = 5
+# strict acceptance constants, so that the runs mix accepted and rejected steps
+CONSTANTS = dict(radius=0.1, max_radius=1.0, eta1=0.9, eta2=0.95)
 
 
 def problem(seed=0, samples=240, rank=0, vary_data=False):
@@ -50,12 +52,11 @@ def run_case(kwargs, subdomains, comm=None, vary_data=False):
     rank = 0 if comm is None else comm.Get_rank()
     model, x, y = problem(rank=rank, vary_data=vary_data)
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
-               subdomains=subdomains if comm is None else None, seed=3, radius=0.05, max_radius=0.2,
-               **kwargs)
-    accepted = []
+               subdomains=subdomains if comm is None else None, seed=3, **CONSTANTS, **kwargs)
+    accepted = []  # per iteration: APTS step accepted, global-pass steps accepted
     for _ in range(ITERATIONS):
         opt.step(x, y)
-        accepted.append(opt.report.accepted)
+        accepted.append((opt.report.accepted, opt.report.global_accepted))
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     return flat.numpy().copy(), np.array(accepted)
 

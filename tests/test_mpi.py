@@ -1,0 +1,73 @@
+"""APTS under a real mpiexec: N-rank runs against serial emulation, and a failing rank."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "mpi"))
+import cases  # noqa: E402
+
+pytestmark = pytest.mark.mpi
+HERE = Path(__file__).parent
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+LAUNCH_TIMEOUT = 300
+
+
+def mpirun(n, *args, timeout=LAUNCH_TIMEOUT):
+    if MPIEXEC is None:
+        pytest.fail("mpiexec not found: install the project with the 'mpich' extra or a system MPI")
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}ranks")
+def launch(request, tmp_path_factory):
+    """One mpiexec launch per world size runs every case of that size."""
+    out = tmp_path_factory.mktemp(f"mpi{request.param}")
+    proc = mpirun(request.param, HERE / "mpi" / "cases.py", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return request.param, out
+
+
+def test_equivalence_with_serial_emulation(launch):
+    world, out = launch
+    checked = 0
+    for name, (subdomains, kwargs) in cases.cases(world).items():
+        result = np.load(out / f"{name}.npz")
+        serial = {k: v for k, v in kwargs.items() if k != "replicas"}
+        flat, accepted = cases.run_case(serial, subdomains)
+        rel = np.abs(flat - result["flat"]).max() / np.abs(flat).max()
+        assert rel <= 1e-6, f"{name}: relative difference {rel:.2e}"
+        assert np.array_equal(accepted, result["accepted"]), f"{name}: accept/reject sequence differs"
+        assert float(result["spread"]) == 0.0, f"{name}: ranks hold different parameters"
+        checked += 1
+    assert checked == len(cases.cases(world)) >= 11
+
+
+def test_equivalence_runs_mix_accepts_and_rejects(launch):
+    world, out = launch
+    seqs = np.concatenate([np.load(out / f"{n}.npz")["accepted"][:, 0] for n in cases.cases(world)])
+    assert seqs.any() and not seqs.all()
+
+
+def test_different_data_per_rank_keeps_ranks_identical(launch):
+    world, out = launch
+    if world != 4:
+        pytest.skip("runs in the 4-rank launch")
+    assert float(np.load(out / "different-data.npz")["spread"]) == 0.0
+
+
+def test_failing_rank_aborts_launch():
+    start = time.monotonic()
+    proc = mpirun(2, HERE / "mpi" / "fail.py", timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert "finished without failure" not in proc.stdout
+    assert elapsed < 30, f"launch took {elapsed:.1f} s to fail"
