@@ -193,6 +193,13 @@ def load(path, overrides=()) -> dict:
     return resolve(apply_overrides(raw, overrides))
 
 
+# keys that say where a run stops or how often it writes, not which trajectory it follows: a run
+# may be resumed with other values (e.g. more epochs)
+RESUMABLE = ("epochs", "checkpoint_every", "name")
+
+
 def digest(config: dict) -> str:
-    """A short hash of a resolved config, to tie checkpoints to the config that wrote them."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of a resolved config, to tie checkpoints to the trajectory that wrote them."""
+    trajectory = {k: v for k, v in config.items() if k not in RESUMABLE}
+    trajectory["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
+    return hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode()).hexdigest()[:16]
