@@ -157,17 +157,19 @@ class TrustRegionCore:
         self.counters.grad_evals += 1
         return loss
 
-    def _propose(self, radius: float) -> float:
-        """Write the step for ``radius`` into self.step; return the model decrease (<= 0: none)."""
+    def _propose(self, radius: float, gtol: float = 0.0) -> float:
+        """Write the step for ``radius`` into self.step; return the model decrease (<= 0: none).
+
+        Returns 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.
+        """
         g, s, cfg = self.grad, self.step, self.config
+        g_inf, g_2sq, g_1 = torch.stack([g.abs().max(), g.dot(g), g.abs().sum()]).tolist()
+        if not (g_inf > gtol and math.isfinite(g_2sq)):
+            return 0.0
         if self.qn is not None and len(self.qn):
             step, _ = self.qn.solve(g, radius)
             s.copy_(step)
             return self.qn.model_decrease(g, s)
-        norms = torch.stack([g.abs().max(), g.dot(g), g.abs().sum()]).tolist()
-        g_inf, g_2sq, g_1 = norms
-        if not (g_inf > 0 and math.isfinite(g_2sq)):
-            return 0.0
         if cfg.step == "sign":
             torch.sign(g, out=s).mul_(-radius)
             return radius * g_1
@@ -189,13 +191,14 @@ class TrustRegionCore:
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
 
     def run(self, evaluate, iters: int, loss: float | None = None, box: float | None = None,
-            decide=None) -> float:
+            decide=None, gtol: float = 0.0) -> float:
         """At most ``iters`` iterations from the current parameters; returns the final loss.
 
         ``loss`` given means ``self.grad`` already holds the gradient at the current point (no
         evaluation needed).  ``box`` keeps the accumulated step u (``self.offset``, reset to 0 here)
         inside ||u||_inf <= box: every step radius is min(radius, box) and u + s is clipped to the
-        box, the model decrease being that of the clipped step (APTS local phase).
+        box, the model decrease being that of the clipped step (APTS local phase).  Stops early
+        when ||g||_inf <= ``gtol`` or no step can decrease the model.
         """
         if loss is None:
             loss = float(self._count(evaluate, self.grad))
@@ -206,7 +209,7 @@ class TrustRegionCore:
         decide = decide or self._decide
         for _ in range(iters):
             radius = self.radius if box is None else min(self.radius, box)
-            pred = self._propose(radius)
+            pred = self._propose(radius, gtol)
             if box is not None and pred > 0:
                 pred = self._project(box)
             if not pred > 0:
@@ -243,7 +246,8 @@ class TrustRegion(torch.optim.Optimizer):
     Keywords (validated, one message per invariant): ``radius=0.01``, ``max_radius=0.1``,
     ``min_radius=1e-4``, ``eta1=0.25``, ``eta2=0.75``, ``decrease=0.5``, ``increase=2.0``,
     ``model="first-order" | "lsr1" | "lbfgs"``, ``memory=5``, ``norm="inf" | "2"``,
-    ``step="cauchy" | "sign"``, ``max_iters=1``.
+    ``step="cauchy" | "sign"``, ``max_iters=1`` (iterations per ``step`` call, on its closure),
+    ``tolerance_grad=0.0`` (stop those iterations once ||g||_inf <= tolerance_grad).
 
     After each step, ``counters`` holds loss and gradient evaluations, accepted and rejected steps, the
     last rho and the radius.  ``state_dict()`` carries radius, counters and quasi-Newton pairs so that a
@@ -254,17 +258,19 @@ class TrustRegion(torch.optim.Optimizer):
 
     def __init__(self, params, radius=0.01, max_radius=0.1, min_radius=1e-4, eta1=0.25, eta2=0.75,
                  decrease=0.5, increase=2.0, model="first-order", memory=5, norm="inf",
-                 step="cauchy", max_iters=1):
+                 step="cauchy", max_iters=1, tolerance_grad=0.0):
         config = TrustRegionConfig(radius, max_radius, min_radius, eta1, eta2, decrease, increase,
                                    model, memory, norm, step)
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"max_iters must be a positive integer; got {max_iters!r}")
-        super().__init__(params, dict(vars(config), max_iters=max_iters))
+        if not (isinstance(tolerance_grad, (int, float)) and tolerance_grad >= 0):
+            raise ValueError(f"tolerance_grad must be a number >= 0; got {tolerance_grad!r}")
+        super().__init__(params, dict(vars(config), max_iters=max_iters, tolerance_grad=tolerance_grad))
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion supports a single parameter group")
         self._params = self.param_groups[0]["params"]
         self._core = TrustRegionCore(Subdomain.whole(self._params), config)
-        self._max_iters = max_iters
+        self._max_iters, self._gtol = max_iters, float(tolerance_grad)
 
     @property
     def counters(self) -> Counters:
@@ -286,12 +292,17 @@ class TrustRegion(torch.optim.Optimizer):
             sub.gather(grad_out, grad=True)
             return loss.detach()
 
-        return self._core.run(evaluate, self._max_iters)
+        return self._core.run(evaluate, self._max_iters, gtol=self._gtol)
 
     def state_dict(self):
         self.state[self._params[0]]["trust_region"] = self._core.state_dict()
         return super().state_dict()
 
     def load_state_dict(self, state_dict):
+        # torch's loader would cast the engine state (strings included) element by element: take it
+        # out, load the rest, and hand it to the engine as it was saved.
+        state_dict = {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
+        engine = state_dict["state"][0].pop("trust_region")
         super().load_state_dict(state_dict)
-        self._core.load_state_dict(self.state[self._params[0]]["trust_region"])
+        self._core.load_state_dict(engine)
+        self.state[self._params[0]]["trust_region"] = engine
