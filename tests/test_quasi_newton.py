@@ -231,7 +231,7 @@ def random_g(rng, n):
 
 
 def compare_solve(lm, B, g, radius, tol=1e-6, kkt_tol=1e-8):
-    s, hits = lm.solve(torch.tensor(g, dtype=lm._dtype), radius)
+    s, hits = lm.solve(torch.tensor(g, dtype=F64), radius)
     s = s.double().numpy()
     s_ref, _, hard = dense_tr(B, g, radius)
     assert hits == (np.linalg.norm(s_ref) >= radius * (1 - 1e-12))

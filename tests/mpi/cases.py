@@ -52,7 +52,7 @@ def run_case(kwargs, subdomains, comm=None, vary_data=False):
     rank = 0 if comm is None else comm.Get_rank()
     model, x, y = problem(rank=rank, vary_data=vary_data)
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
-               subdomains=subdomains if comm is None else None, seed=3, **CONSTANTS, **kwargs)
+               subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3, **CONSTANTS, **kwargs)
     accepted = []  # per iteration: APTS step accepted, global-pass steps accepted
     for _ in range(ITERATIONS):
         opt.step(x, y)

@@ -1,0 +1,103 @@
+"""Decompositions cover every parameter exactly once; balanced is the exact min-max split."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from apts_mpi.decomposition import STRATEGIES, Subdomain, decompose
+from apts_mpi.models import build_model
+
+
+def coverage(model, parts):
+    """How many subdomains own each coordinate of the flattened parameters."""
+    params = [p for p in model.parameters()]
+    counts = [np.zeros(p.numel(), dtype=int) for p in params]
+    for sd in parts:
+        for piece in sd.pieces:
+            counts[piece.index][piece.start:piece.stop] += 1
+    return np.concatenate(counts)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name, n_max", [("mnist-fc", 6), ("mlp-digits", 4), ("cifar-lenet5", 10)])
+def test_every_parameter_exactly_once(strategy, name, n_max):
+    shape = {"mnist-fc": (1, 28, 28), "mlp-digits": (1, 8, 8), "cifar-lenet5": (3, 32, 32)}[name]
+    model = build_model(name, shape, 10)
+    for n in range(1, n_max + 1):
+        parts = decompose(model, n, strategy, seed=5)
+        assert len(parts) == n
+        assert (coverage(model, parts) == 1).all()
+        assert sum(sd.numel for sd in parts) == sum(p.numel() for p in model.parameters())
+
+
+def test_same_seed_same_split_other_seed_may_differ():
+    model = build_model("cifar-lenet5", (3, 32, 32), 10)
+    a = decompose(model, 3, "random-tensors", seed=1)
+    b = decompose(model, 3, "random-tensors", seed=1)
+    assert [sd.pieces for sd in a] == [sd.pieces for sd in b]
+    splits = {tuple(tuple(p.index for p in sd.pieces) for sd in decompose(model, 3, "random-tensors", seed=s))
+              for s in range(10)}
+    assert len(splits) > 1
+
+
+def test_balanced_is_the_exact_min_max_contiguous_split():
+    """Against brute force over every placement of the cuts: layers (weight + bias) as units
+    while N <= 5 layers, tensors beyond."""
+    model = build_model("cifar-lenet5", (3, 32, 32), 10)
+    tensors = [p.numel() for p in model.parameters()]
+    layers = [a + b for a, b in zip(tensors[::2], tensors[1::2])]
+    for n in (2, 3, 4, 5, 6, 7, 9):
+        sizes = layers if n <= len(layers) else tensors
+        parts = decompose(model, n, "balanced")
+        got = max(sd.numel for sd in parts)
+        best = min(max(sum(sizes[a:b]) for a, b in zip((0,) + cuts, cuts + (len(sizes),)))
+                   for cuts in itertools.combinations(range(1, len(sizes)), n - 1))
+        assert got == best
+        indices = [p.index for sd in parts for p in sd.pieces]
+        assert indices == sorted(indices)  # contiguous runs in model order
+
+
+def test_balanced_keeps_weight_and_bias_together_when_it_can():
+    model = build_model("mnist-fc", (1, 28, 28), 10)
+    parts = decompose(model, 2, "balanced")
+    assert [[p.index for p in sd.pieces] for sd in parts] == [[0, 1], [2, 3, 4, 5]]
+
+
+def test_flat_sizes_differ_by_at_most_one():
+    model = build_model("mlp-digits", (1, 8, 8), 10)
+    for n in (1, 3, 7, 100):
+        sizes = [sd.numel for sd in decompose(model, n, "flat")]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("strategy, n, unit", [("balanced", 5, "parameter tensors"),
+                                               ("random-tensors", 5, "parameter tensors"),
+                                               ("flat", 2411, "parameters")])
+def test_too_many_subdomains_is_a_clear_error(strategy, n, unit):
+    model = build_model("mlp-digits", (1, 8, 8), 10)  # 4 tensors, 2410 parameters
+    with pytest.raises(ValueError, match=f"subdomains={n} exceeds the .* {unit}"):
+        decompose(model, n, strategy)
+
+
+def test_gather_scatter_add_round_trip():
+    torch.manual_seed(0)
+    model = build_model("mlp-digits", (1, 8, 8), 10).double()
+    reference = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    for sd in decompose(model, 3, "flat"):
+        v = sd.gather(torch.empty(sd.numel, dtype=torch.float64))
+        expected = torch.cat([reference[sum(p.numel() for p in list(model.parameters())[:q.index]) + q.start:
+                                        sum(p.numel() for p in list(model.parameters())[:q.index]) + q.stop]
+                              for q in sd.pieces])
+        assert torch.equal(v, expected)
+        sd.add_(torch.ones_like(v), alpha=0.5)
+        assert torch.equal(sd.gather(torch.empty_like(v)), v + 0.5)
+        sd.scatter(v)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), reference)
+
+
+def test_mixed_dtypes_are_refused():
+    a = torch.zeros(3, dtype=torch.float32)
+    b = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="share one dtype and device"):
+        Subdomain.whole([a, b])
