@@ -296,7 +296,7 @@ class APTS:
             [delta, r.local_loss_evals, r.local_grad_evals])
         loss0 = comm.bcast([loss0])[0]
         self.whole.add_(self.correction)
-        r.step_inf = float(self.correction.abs().max())
+        r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
         comm_combine = comm.seconds + self.group.seconds - comm_s0 - comm_local
 

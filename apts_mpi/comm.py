@@ -56,15 +56,27 @@ def select_device(comm, request: str = "auto") -> torch.device:
 
 
 class Comm:
-    """Collectives on torch tensors over one mpi4py communicator; ``seconds`` accumulates their time."""
+    """Collectives on torch tensors over one mpi4py communicator.
 
-    def __init__(self, comm=None):
+    ``seconds`` and ``bytes`` accumulate the time in, and the payload passed to, every collective.
+    With ``measure_wait`` (benchmarks only: it adds a barrier per collective) the time spent waiting
+    for the slowest rank is counted apart, in ``waiting``.
+    """
+
+    def __init__(self, comm=None, measure_wait: bool = False):
         self.comm = comm if comm is not None else MPI.COMM_SELF
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.cuda_aware = cuda_aware()
-        self.seconds = 0.0
+        self.measure_wait = measure_wait
+        self.seconds = self.waiting = 0.0
         self.bytes = 0
         self._host = {}
+
+    def _wait(self):
+        if self.measure_wait:
+            start = time.perf_counter()
+            self.comm.Barrier()
+            self.waiting += time.perf_counter() - start
 
     def _buffer(self, tensor: torch.Tensor):
         """(MPI buffer, copy-back tensor or None) for a contiguous tensor."""
@@ -81,6 +93,7 @@ class Comm:
         return host.numpy(), host
 
     def _timed(self, fn, tensor, *args):
+        self._wait()
         start = time.perf_counter()
         buf, host = self._buffer(tensor)
         fn(buf, *args)
@@ -107,6 +120,7 @@ class Comm:
         """Broadcast a few float64 scalars from ``root`` (the coordinator's decisions)."""
         array = np.asarray(values, dtype=np.float64)
         if self.size > 1:
+            self._wait()
             start = time.perf_counter()
             self.comm.Bcast(array, root=root)
             self.seconds += time.perf_counter() - start
@@ -116,6 +130,7 @@ class Comm:
         """Element-wise sum over ranks of a few float64 scalars."""
         array = np.asarray(values, dtype=np.float64)
         if self.size > 1:
+            self._wait()
             start = time.perf_counter()
             self.comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
             self.seconds += time.perf_counter() - start

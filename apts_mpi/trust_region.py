@@ -163,7 +163,8 @@ class TrustRegionCore:
         Returns 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.
         """
         g, s, cfg = self.grad, self.step, self.config
-        g_inf, g_2sq, g_1 = torch.stack([g.abs().max(), g.dot(g), g.abs().sum()]).tolist()
+        norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
+        g_inf, g_2sq, g_1 = torch.stack([norm(g, math.inf), g.dot(g), norm(g, 1)]).tolist()
         if not (g_inf > gtol and math.isfinite(g_2sq)):
             return 0.0
         if self.qn is not None and len(self.qn):
@@ -218,11 +219,11 @@ class TrustRegionCore:
             self.subdomain.add_(self.step)
             trial = torch.as_tensor(self._count(evaluate, self.trial_grad), dtype=self.step.dtype,
                                     device=self.step.device).reshape(())
-            trial, g_max = torch.stack([trial, self.trial_grad.abs().max()]).tolist()
+            trial, g_max = torch.stack([trial, torch.linalg.vector_norm(self.trial_grad, math.inf)]).tolist()
             finite = math.isfinite(trial) and math.isfinite(g_max)
             accept, rho, self.radius = decide(loss - trial, pred, finite)
             if self.qn is not None and finite:
-                self.qn.update(self.step, self.trial_grad - self.grad)
+                self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
             if accept:
                 loss = trial
                 self.grad, self.trial_grad = self.trial_grad, self.grad

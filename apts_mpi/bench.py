@@ -1,0 +1,204 @@
+"""Benchmarks of one optimiser iteration on the paper's MNIST network (784-512-256-10, 535,818
+parameters) and a 10,000-image minibatch.
+
+    python -m apts_mpi.bench apts --subdomains 2 --out runs/bench/results.jsonl        # serial emulation
+    mpiexec -n 2 python -m mpi4py -m apts_mpi.bench apts --out runs/bench/results.jsonl
+    mpiexec -n 2 python -m mpi4py -m apts_mpi.bench allreduce --out runs/bench/results.jsonl
+    python -m apts_mpi.bench baseline --method adam --out runs/bench/results.jsonl
+    python -m apts_mpi.bench summary runs/bench/results.jsonl --json runs/bench/bench.json
+
+Each measurement appends one JSON line; ``summary`` prints the table and writes the JSON.
+``scripts/bench`` runs the whole set.  APTS times are split with ``Comm(measure_wait=True)``: a
+barrier before each collective counts the wait for the slowest rank apart from the transfer.
+The minibatch is the first 10,000 MNIST training images when ``--data`` (or ``APTS_DATA``) holds
+MNIST, else random data of MNIST's shape (the cost of an iteration does not depend on the values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from .apts import APTS
+from .comm import Comm
+from .models import build_model, count_parameters
+
+
+def minibatch(root=None, size=10000):
+    from .data import DataError, load_dataset
+    try:
+        data = load_dataset("mnist", root)
+        return data.train_x[:size], data.train_y[:size], "mnist"
+    except DataError:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g), "random"
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("mnist-fc", (1, 28, 28), 10)
+
+
+def _world():
+    from mpi4py import MPI
+    return MPI.COMM_WORLD
+
+
+def bench_apts(args):
+    comm = _world()
+    x, y, source = minibatch(args.data)
+    model = _model()
+    opt = APTS(model, torch.nn.functional.cross_entropy, comm,
+               subdomains=args.subdomains if comm.Get_size() == 1 else None,
+               local_iters=args.local_iters, global_iters=args.global_iters)
+    opt.comm = Comm(comm, measure_wait=comm.Get_size() > 1)  # benchmark only: split wait from transfer
+    rows = []
+    for k in range(args.warmup + args.iterations):
+        c0, w0, b0 = opt.comm.seconds, opt.comm.waiting, opt.comm.bytes
+        comm.Barrier()
+        t = time.perf_counter()
+        opt.step(x, y)
+        total = time.perf_counter() - t
+        r = opt.report
+        if k >= args.warmup:
+            rows.append(dict(total=total, local=r.seconds_local, comm=opt.comm.seconds - c0,
+                             waiting=opt.comm.waiting - w0, global_=r.seconds_global,
+                             bytes=opt.comm.bytes - b0))
+    gathered = comm.gather(rows, root=0)
+    if comm.Get_rank() == 0:
+        med = {k: statistics.median(max(r[i][k] for r in gathered) for i in range(len(rows)))
+               for k in rows[0]}  # per iteration, the slowest rank
+        n = count_parameters(model)
+        label = (f"APTS MPI N={comm.Get_size()}" if comm.Get_size() > 1
+                 else f"APTS serial N={args.subdomains}")
+        return dict(kind="apts", label=label, ranks=comm.Get_size(), subdomains=opt.n_subdomains,
+                    parameters=n, data=source, iterations=args.iterations, seconds=med["total"],
+                    local=med["local"], comm=med["comm"], waiting=med["waiting"], global_=med["global_"],
+                    bytes=med["bytes"], bookkeeping=med["total"] - med["local"] - med["global_"]
+                    - med["comm"] - med["waiting"])
+
+
+def bench_allreduce(args):
+    """Raw Allreduce bandwidth for an n-float32 buffer, n = the network's parameter count."""
+    from mpi4py import MPI
+    comm = _world()
+    n = count_parameters(_model())
+    buf = np.ones(n, dtype=np.float32)
+    times = []
+    for k in range(args.warmup + 3 * args.iterations):
+        comm.Barrier()
+        t = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        times.append(time.perf_counter() - t)
+    t_ar = statistics.median(times[args.warmup:])
+    times = []
+    counts = [n * (p + 1) // comm.Get_size() - n * p // comm.Get_size() for p in range(comm.Get_size())]
+    displs = [n * p // comm.Get_size() for p in range(comm.Get_size())]
+    for k in range(args.warmup + 3 * args.iterations):
+        comm.Barrier()
+        t = time.perf_counter()
+        comm.Allgatherv(MPI.IN_PLACE, [buf, counts, displs, MPI.FLOAT])
+        times.append(time.perf_counter() - t)
+    t_ag = statistics.median(times[args.warmup:])
+    if comm.Get_rank() == 0:
+        p = comm.Get_size()
+        return dict(kind="allreduce", label=f"raw MPI, {p} ranks", ranks=p, bytes=4 * n,
+                    allreduce_seconds=t_ar, allgatherv_seconds=t_ag,
+                    # bus bandwidth: 2(p-1)/p * S / t for a ring Allreduce, (p-1)/p * S / t for Allgather
+                    allreduce_gbps=2 * (p - 1) / p * 4 * n / t_ar / 1e9,
+                    allgatherv_gbps=(p - 1) / p * 4 * n / t_ag / 1e9)
+
+
+def bench_baseline(args):
+    from .train import build_optimizer
+    comm = _world()
+    x, y, source = minibatch(args.data)
+    model = _model()
+    kw = {"adam": dict(lr=2.5e-3), "sgd": dict(lr=0.1, momentum=0.9), "tr": {},
+          "lbfgs": dict(lr=1.0, history_size=10, max_iter=1)}[args.method]
+    opt = build_optimizer({"seed": 0, "optimizer": dict(method=args.method, **kw)}, model,
+                          torch.nn.functional.cross_entropy, comm)
+    times = []
+    for k in range(args.warmup + args.iterations):
+        comm.Barrier()
+        t = time.perf_counter()
+        opt.step(x, y)
+        times.append(time.perf_counter() - t)
+    if comm.Get_rank() == 0:
+        return dict(kind="baseline", label=f"{args.method} ({comm.Get_size()} rank data-parallel)",
+                    ranks=comm.Get_size(), data=source, seconds=statistics.median(times[args.warmup:]),
+                    evals_per_iteration=opt.last_evals)
+
+
+def summary(paths, json_out=None):
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    apts = [r for r in rows if r["kind"] == "apts"]
+    raw = {r["ranks"]: r for r in rows if r["kind"] == "allreduce"}
+    lines = ["| run | ranks | s/iter | local | comm | waiting | global | other | MB moved/rank | comb. GB/s | raw allreduce GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in apts:
+        comb = raw_bw = ""
+        if r["ranks"] > 1 and r["comm"] > 0:
+            comb = f"{r['bytes'] / r['comm'] / 1e9:.2f}"
+        if r["ranks"] in raw:
+            raw_bw = f"{raw[r['ranks']]['allreduce_gbps']:.2f}"
+        lines.append(f"| {r['label']} | {r['ranks']} | {r['seconds']:.3f} | {r['local']:.3f} | "
+                     f"{r['comm']:.4f} | {r['waiting']:.3f} | {r['global_']:.3f} | {r['bookkeeping']:.3f} | "
+                     f"{r['bytes'] / 1e6:.2f} | {comb} | {raw_bw} |")
+    lines += ["", "| baseline iteration | ranks | s/iter | evaluations/iter |", "|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['ranks']} | {r['seconds']:.3f} | {r['evals_per_iteration']} |"
+              for r in rows if r["kind"] == "baseline"]
+    lines += ["", "| raw MPI (535,818 float32) | Allreduce s | Allreduce GB/s | Allgatherv s | Allgatherv GB/s |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['allreduce_seconds']:.4f} | {r['allreduce_gbps']:.2f} | "
+              f"{r['allgatherv_seconds']:.4f} | {r['allgatherv_gbps']:.2f} |" for r in raw.values()]
+    by = {r["label"]: r for r in apts}
+    targets = []
+    for n in (2, 4):
+        s, m = by.get(f"APTS serial N={n}"), by.get(f"APTS MPI N={n}")
+        if s and m:
+            targets.append(f"speed-up of {n} MPI ranks over serial emulation with {n} subdomains: "
+                           f"{s['seconds'] / m['seconds']:.2f}x")
+            targets.append(f"communication + bookkeeping at N={n}: "
+                           f"{100 * (m['comm'] + m['bookkeeping']) / m['seconds']:.1f}% of the iteration "
+                           f"(waiting for the slowest rank {100 * m['waiting'] / m['seconds']:.1f}%)")
+    table = "\n".join(lines + [""] + [f"- {t}" for t in targets])
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(dict(rows=rows, targets=targets), f, indent=1)
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m apts_mpi.bench", description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("apts", "allreduce", "baseline", "summary"))
+    p.add_argument("paths", nargs="*", help="summary: the JSON-lines files")
+    p.add_argument("--out", help="append the result to this JSON-lines file")
+    p.add_argument("--json", help="summary: write the table's numbers here")
+    p.add_argument("--subdomains", type=int, default=1)
+    p.add_argument("--method", choices=("adam", "sgd", "tr", "lbfgs"), default="adam")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--local-iters", type=int, default=5)
+    p.add_argument("--global-iters", type=int, default=1)
+    p.add_argument("--data", default=os.environ.get("APTS_DATA"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.what == "summary":
+        print(summary(args.paths, args.json))
+        return
+    result = {"apts": bench_apts, "allreduce": bench_allreduce, "baseline": bench_baseline}[args.what](args)
+    if result is not None:
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""jobs/*.sbatch: shell syntax, Slurm directive placement, the configs they name, the launch line,
+and, with a stand-in ``srun`` on PATH, the command each script builds (no Slurm needed)."""
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apts_mpi import config as configuration
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.sbatch"))
+EXPECTED = {"mnist-apts.sbatch", "mnist-baselines.sbatch", "cifar10-resnet18.sbatch"}
+CONFIG_REF = re.compile(r"configs/[^\s\"',;)]*?\.yaml")
+LAUNCH = "python -m mpi4py -m apts_mpi train"
+
+by_name = pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+
+
+def logical_lines(text):
+    """Non-comment command lines, with backslash continuations joined."""
+    lines, current = [], ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    return lines
+
+
+def test_every_job_family_has_a_script():
+    assert EXPECTED <= {p.name for p in JOBS}
+
+
+@by_name
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@by_name
+def test_sbatch_directives_come_before_the_first_command(script):
+    # sbatch stops reading #SBATCH lines at the first line that is neither blank nor a comment
+    lines = script.read_text().splitlines()
+    assert lines[0].startswith("#!"), "no shebang line"
+    first_command = next(i for i, line in enumerate(lines)
+                         if line.strip() and not line.lstrip().startswith("#"))
+    late = [f"line {i + 1}: {line}" for i, line in enumerate(lines)
+            if i > first_command and line.lstrip().startswith("#SBATCH")]
+    assert not late, f"#SBATCH after the first command (line {first_command + 1}), ignored by sbatch: {late}"
+    assert any(line.startswith("#SBATCH") for line in lines[:first_command])
+
+
+@by_name
+def test_named_configs_exist_and_load(script):
+    refs = sorted(set(CONFIG_REF.findall(script.read_text())))
+    assert refs, "the script names no configs/*.yaml"
+    for ref in refs:
+        assert re.fullmatch(r"configs/[\w.-]+\.yaml", ref), f"{ref}: name configs literally, so they can be checked"
+        path = ROOT / ref
+        assert path.is_file(), f"{ref} does not exist"
+        configuration.load(path)  # raises ConfigError naming the key
+
+
+@by_name
+def test_launches_with_srun_and_mpi4py(script):
+    launches = [line for line in logical_lines(script.read_text())
+                if re.match(r"(exec\s+)?srun\b", line) and LAUNCH in line]
+    assert launches, f"no command line 'srun ... {LAUNCH} ...'"
+
+
+@by_name
+def test_site_settings_and_conventions(script):
+    text = script.read_text()
+    for var in ("APTS_ROOT", "MODULES", "VENV", "APTS_DATA", "OUT_ROOT"):
+        assert re.search(rf'^{var}="\$\{{{var}:-', text, re.M), f"{var} is not set as ${{{var}:-default}}"
+    assert re.search(r"^set -euo pipefail$", text, re.M)
+    assert re.search(r"^export OMP_NUM_THREADS=\$\{SLURM_CPUS_PER_TASK:-1\}$", text, re.M)
+    assert re.search(r"^#SBATCH --requeue$", text, re.M)
+    assert re.search(r"^#.*srun --mpi=pmix ", text, re.M), "no commented srun --mpi=pmix line"
+    assert re.search(r'^#.*mpirun -n "?\$SLURM_NTASKS"? ' + re.escape(LAUNCH), text, re.M), \
+        "no commented mpirun equivalent"
+    assert re.search(r"^#\s+sbatch .*jobs/" + re.escape(script.name), text, re.M), \
+        "the header does not show how to submit it"
+
+
+@by_name
+def test_shellcheck(script):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed: static analysis of the job scripts not run")
+    result = subprocess.run([shellcheck, "--shell=bash", str(script)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the command each script builds, with a stand-in srun ------------------------------------
+
+FAKE_SRUN = """#!/bin/bash
+{ printf '%s\\n' "OMP_NUM_THREADS=$OMP_NUM_THREADS" "APTS_DATA=$APTS_DATA" "--"; printf '%s\\n' "$@"; } > "$FAKE_SRUN_LOG"
+"""
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A stand-in cluster: srun that records its arguments, a venv, a data root, an output root."""
+    bin_dir, venv, data = tmp_path / "bin", tmp_path / "venv", tmp_path / "data"
+    for folder in (bin_dir, venv / "bin", data):
+        folder.mkdir(parents=True)
+    for exe, body in ((bin_dir / "srun", FAKE_SRUN), (venv / "bin" / "python", "#!/bin/sh\nexit 0\n")):
+        exe.write_text(body)
+        exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+           and k not in ("APTS_ROOT", "MODULES", "VENV", "APTS_DATA", "OUT_ROOT", "SEED", "METHOD",
+                         "DEVICE", "VIRTUAL_ENV")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+               SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="1234", SLURM_CPUS_PER_TASK="2",
+               VENV=str(venv), APTS_DATA=str(data), OUT_ROOT=str(tmp_path / "runs"),
+               FAKE_SRUN_LOG=str(tmp_path / "srun.log"))
+    return tmp_path, env
+
+
+def submit(site, name, *args, **slurm):
+    """Run jobs/NAME as the batch step would; returns (result, srun argv or None, srun env)."""
+    tmp, env = site
+    log = tmp / "srun.log"
+    log.unlink(missing_ok=True)
+    result = subprocess.run(["bash", str(ROOT / "jobs" / name), *args], cwd=tmp, capture_output=True,
+                            text=True, env={**env, **slurm}, timeout=60)
+    if not log.exists():
+        return result, None, None
+    lines = log.read_text().splitlines()
+    cut = lines.index("--")
+    return result, lines[cut + 1:], dict(line.split("=", 1) for line in lines[:cut])
+
+
+def train_args(argv):
+    """(config path, --out, --set overrides, --resume given) of the srun command line."""
+    assert argv[argv.index("python"):][:6] == LAUNCH.split(), argv
+    rest = argv[argv.index("train") + 1:]
+    sets = [rest[i + 1] for i, a in enumerate(rest) if a == "--set"]
+    return rest[0], rest[rest.index("--out") + 1], sets, "--resume" in rest
+
+
+@pytest.mark.parametrize("ntasks", [2, 4, 6])
+def test_mnist_apts_takes_the_config_of_its_task_count_and_resumes(site, ntasks):
+    tmp, _ = site
+    result, argv, env = submit(site, "mnist-apts.sbatch", SLURM_NTASKS=str(ntasks))
+    assert result.returncode == 0, result.stderr
+    assert "--kill-on-bad-exit=1" in argv and "--cpus-per-task=2" in argv
+    assert env == {"OMP_NUM_THREADS": "2", "APTS_DATA": str(tmp / "data")}
+    config, out, sets, resume = train_args(argv)
+    assert config == f"configs/mnist-apts-n{ntasks}.yaml" and not resume
+    assert out == str(tmp / "runs" / f"mnist-apts-n{ntasks}-seed0")
+    cfg = configuration.load(ROOT / config, sets)
+    assert cfg["optimizer"]["method"] == "apts" and cfg["optimizer"]["subdomains"] == ntasks
+
+    # a checkpoint from an earlier (pre-empted) job: continued
+    Path(out).mkdir(parents=True)
+    (Path(out) / "checkpoint.h5").write_bytes(b"")
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS=str(ntasks))
+    assert result.returncode == 0, result.stderr
+    assert train_args(argv)[3]
+
+
+def test_a_run_folder_without_checkpoint_starts_again_and_keeps_its_files(site):
+    tmp, _ = site
+    out = tmp / "runs" / "mnist-apts-n4-seed0"
+    out.mkdir(parents=True)  # empty: the job stopped inside its first epoch
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="4")
+    assert result.returncode == 0, result.stderr
+    assert not train_args(argv)[3] and not out.exists()
+
+    out.mkdir()
+    (out / "metrics.h5").write_bytes(b"partial")
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="4")
+    assert result.returncode == 0, result.stderr
+    assert not train_args(argv)[3] and not out.exists()
+    assert (tmp / "runs" / "mnist-apts-n4-seed0.no-checkpoint.1234" / "metrics.h5").read_bytes() == b"partial"
+
+
+def test_mnist_apts_refuses_a_task_count_without_a_config(site):
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="3")
+    assert result.returncode == 2 and argv is None
+    assert "N = 2, 4 or 6" in result.stderr
+
+
+def test_missing_venv_or_data_stop_before_srun(site):
+    tmp, _ = site
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="4", VENV=str(tmp / "nowhere"))
+    assert result.returncode == 2 and argv is None and "no virtual environment" in result.stderr
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="4", APTS_DATA=str(tmp / "nowhere"))
+    assert result.returncode == 2 and argv is None and "data root" in result.stderr
+
+
+def test_extra_arguments_reach_train_and_seed_names_the_folder(site):
+    tmp, _ = site
+    result, argv, _ = submit(site, "mnist-apts.sbatch", "--set", "epochs=3", SLURM_NTASKS="2", SEED="5")
+    assert result.returncode == 0, result.stderr
+    config, out, sets, _ = train_args(argv)
+    assert out == str(tmp / "runs" / "mnist-apts-n2-seed5")
+    cfg = configuration.load(ROOT / config, sets)
+    assert (cfg["seed"], cfg["epochs"]) == (5, 3)
+
+
+@pytest.mark.parametrize("index,method", [(0, "adam"), (1, "sgd"), (2, "lbfgs"), (3, "tr")])
+def test_mnist_baselines_array_index_picks_the_method(site, index, method):
+    tmp, _ = site
+    result, argv, _ = submit(site, "mnist-baselines.sbatch", SLURM_NTASKS="4",
+                             SLURM_ARRAY_TASK_ID=str(index))
+    assert result.returncode == 0, result.stderr
+    config, out, sets, resume = train_args(argv)
+    assert config == f"configs/mnist-{method}.yaml" and not resume
+    assert out == str(tmp / "runs" / f"mnist-{method}-n4-seed0")
+    assert configuration.load(ROOT / config, sets)["optimizer"]["method"] == method
+
+
+def test_mnist_baselines_outside_an_array_stops(site):
+    result, argv, _ = submit(site, "mnist-baselines.sbatch", SLURM_NTASKS="4")
+    assert result.returncode == 2 and argv is None and "--array" in result.stderr
+
+
+@pytest.mark.parametrize("method,ntasks", [("apts", 2), ("apts", 4), ("apts", 6), ("adam", 4)])
+def test_cifar10_sets_subdomains_to_the_task_count(site, method, ntasks):
+    tmp, _ = site
+    result, argv, _ = submit(site, "cifar10-resnet18.sbatch", SLURM_NTASKS=str(ntasks), METHOD=method)
+    assert result.returncode == 0, result.stderr
+    config, out, sets, _ = train_args(argv)
+    assert out == str(tmp / "runs" / f"cifar10-resnet18-{method}-n{ntasks}-seed0")
+    cfg = configuration.load(ROOT / config, sets)
+    assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == "resnet18"
+    assert cfg["data"]["dataset"] == "cifar10" and cfg["device"] == "cuda"
+    if method == "apts":
+        assert cfg["optimizer"]["subdomains"] == ntasks
+
+
+def test_cifar10_rejects_an_unknown_method(site):
+    result, argv, _ = submit(site, "cifar10-resnet18.sbatch", SLURM_NTASKS="4", METHOD="sgd")
+    assert result.returncode == 2 and argv is None and "METHOD" in result.stderr
