@@ -175,7 +175,7 @@ def scipy_evals(fun, x0):
         x = torch.tensor(v, requires_grad=True)
         f = fun(x)
         f.backward()
-        return float(f), x.grad.numpy().copy()
+        return f.item(), x.grad.numpy().copy()
 
     lbfgsb = so.minimize(f_and_g, x0, jac=True, method="L-BFGS-B", options=dict(gtol=1e-5, maxiter=20000))
 

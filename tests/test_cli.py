@@ -1,0 +1,552 @@
+"""The command line as a user runs it: ``python -m apts_mpi`` and ``mpiexec -n 2 python -m mpi4py
+-m apts_mpi`` in subprocesses, on the digits demo (a few epochs take about a second).
+
+Every launch costs a torch import per rank, so runs are shared through module fixtures and the
+launches a fixture needs run side by side.  The bad-input cases that need no MPI world run as forked
+children of one process that imported torch once (``FORK_SERVER``): each case is still a process of
+its own, with its argv, its stdout/stderr file descriptors, MPI initialised in it and its exit
+status; one of them also runs from a fresh interpreter.  Every launch has a timeout, after which
+the launch and its descendants are killed by pid.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from apts_mpi.results import load_checkpoint, read_metrics
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "demo.yaml"
+PYTHON = sys.executable
+MPIEXEC = shutil.which("mpiexec", path=str(Path(PYTHON).parent) + os.pathsep + os.environ["PATH"])
+ENV = {k: v for k, v in os.environ.items() if k != "SLURM_NTASKS" and not k.startswith("PMI_")}
+ENV.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",  # no GPU: device=cuda must be refused
+           PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+LAUNCH_TIMEOUT = 240
+ERROR_PREFIX = "apts-mpi: error: "
+SMALL_BATCH = ["--set", "data.batch_size=100"]  # 15 minibatches per epoch instead of 1
+EXPECTED_SERIES = ("epoch", "loss", "final_loss", "radius", "rho", "accepted", "step_inf",
+                   "loss_evals", "grad_evals", "seconds")
+
+
+class Result(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+    def show(self):
+        return f"exit status {self.rc}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
+
+
+def _process_table():
+    """{pid: (parent pid, state)} from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid):
+    table = _process_table()
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, (ppid, _) in table.items() if ppid == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pids):
+    """The pids of ``pids`` that still run (zombies count as gone)."""
+    table = _process_table()
+    return [p for p in pids if p in table and table[p][1] != "Z"]
+
+
+def _kill(pids):
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Launch:
+    """One command line started in its own session, stdout/stderr into files under ``where``."""
+
+    def __init__(self, where, args, ranks=1):
+        if ranks > 1 and MPIEXEC is None:
+            pytest.fail("mpiexec not found: install the project with the 'mpich' extra or a system MPI")
+        where = Path(where)
+        name = f"launch-{time.monotonic_ns()}"
+        self.out_path, self.err_path = where / f"{name}.out", where / f"{name}.err"
+        args = [str(a) for a in args]
+        cmd = ([PYTHON, "-m", "apts_mpi", *args] if ranks == 1 else
+               [MPIEXEC, "-n", str(ranks), PYTHON, "-m", "mpi4py", "-m", "apts_mpi", *args])
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         cwd=where, env=ENV, start_new_session=True)
+
+    def rank_pids(self):
+        """The Python processes below the launch (the ranks under mpiexec, or itself)."""
+        pids = [self.proc.pid, *descendants(self.proc.pid)]
+        ranks = []
+        for pid in pids:
+            with suppress(OSError):
+                if b"apts_mpi" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    ranks.append(pid)
+        return [p for p in ranks if p != self.proc.pid] or [self.proc.pid]
+
+    def kill(self):
+        _kill([self.proc.pid, *descendants(self.proc.pid)])
+        self.proc.wait()
+
+    def wait(self, timeout=LAUNCH_TIMEOUT) -> Result:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.proc.args} still running after {timeout} s; killed")
+        return Result(self.proc.returncode, self.out_path.read_text(), self.err_path.read_text())
+
+    def wait_for(self, path, timeout=LAUNCH_TIMEOUT):
+        """Poll until ``path`` exists; fails if the launch ends first or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while not Path(path).exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"launch ended before {path} was written:\n"
+                            + Result(self.proc.returncode, self.out_path.read_text(),
+                                     self.err_path.read_text()).show())
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{path} not written within {timeout} s")
+            time.sleep(0.02)
+
+
+def run_all(where, launches):
+    """Start ``{key: (args, ranks)}`` side by side; ``{key: Result}`` once all have ended."""
+    started = {k: Launch(where, args, ranks) for k, (args, ranks) in launches.items()}
+    return {k: launch.wait() for k, launch in started.items()}
+
+
+def assert_ok(result, what):
+    assert result.rc == 0, f"{what} failed:\n{result.show()}"
+
+
+def assert_one_error_line(result, *words):
+    """Exit status 2 and exactly one line ``apts-mpi: error: ...`` on stderr holding ``words``."""
+    assert result.rc == 2, f"expected exit status 2:\n{result.show()}"
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), \
+        f"expected exactly one line '{ERROR_PREFIX}...' on stderr:\n{result.show()}"
+    for word in words:
+        assert str(word) in lines[0], f"the message does not name {str(word)!r}: {lines[0]}"
+
+
+def folder_state(path):
+    """Names and SHA-256 of every file under ``path`` (None if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# trajectories, compared bit for bit
+
+def trajectory(run_dir):
+    """What a run's files say about its trajectory, wall-time series (``seconds*``) left out."""
+    run_dir = Path(run_dir)
+    iterations, epochs, attrs = read_metrics(run_dir / "metrics.h5")
+    payload, meta = load_checkpoint(run_dir / "checkpoint.h5")
+    series = {}
+    for group, values in (("metrics iterations", iterations), ("metrics epochs", epochs),
+                          ("checkpoint iterations", payload["iterations"]),
+                          ("checkpoint epochs", payload["epochs"])):
+        for name, v in values.items():
+            if not name.startswith("seconds"):
+                series[f"{group}/{name}"] = np.asarray(v)
+    for name, tensor in payload["model"].items():
+        series[f"parameter {name}"] = tensor.numpy()
+    series["torch rng state"] = payload["rng"]["torch"].numpy()
+    other = {"attrs": attrs, "meta": meta, "epoch": payload["epoch"], "sampler": payload["sampler"]}
+    return series, other
+
+
+def assert_same_trajectory(a, b):
+    sa, oa = trajectory(a)
+    sb, ob = trajectory(b)
+    assert sorted(sa) == sorted(sb), f"different series in {a} and {b}"
+    differ = []
+    for name in sa:
+        x, y = sa[name], sb[name]
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            where = ""
+            if x.dtype == y.dtype and x.shape == y.shape and x.ndim == 1:
+                first = next(i for i in range(len(x)) if x[i:i + 1].tobytes() != y[i:i + 1].tobytes())
+                where = f" (first at index {first} of {len(x)})"
+            differ.append(f"{name}{where}: {x.dtype}{list(x.shape)} {x.ravel()[:4]} vs "
+                          f"{y.dtype}{list(y.shape)} {y.ravel()[:4]}")
+    assert not differ, f"{a} and {b} differ bitwise in:\n" + "\n".join(differ)
+    for key in oa:
+        assert oa[key] == ob[key], f"{key} differs: {oa[key]!r} vs {ob[key]!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. end to end: train, report, plot
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    dirs = {"serial": tmp / "serial", "two-ranks": tmp / "two-ranks"}
+    trained = run_all(tmp, {
+        "serial": (["train", CONFIG, "--set", "epochs=3", "--out", dirs["serial"]], 1),
+        "two-ranks": (["train", CONFIG, "--set", "epochs=3", "--out", dirs["two-ranks"]], 2)})
+    for key, result in trained.items():
+        assert_ok(result, f"train ({key})")
+    shown = run_all(tmp, {"report": (["report", *dirs.values()], 1),
+                          "plot": (["plot", *dirs.values(), "--out", tmp / "fig.png"], 1)})
+    return dirs, trained, shown, tmp / "fig.png"
+
+
+@pytest.mark.parametrize("key, world", [("serial", 1), ("two-ranks", 2)])
+def test_train_writes_metrics_and_checkpoint(demo, key, world):
+    dirs, trained, _, _ = demo
+    iterations, epochs, attrs = read_metrics(dirs[key] / "metrics.h5")
+    assert epochs["epoch"].tolist() == [1, 2, 3]
+    for name in ("test_accuracy", "train_accuracy"):
+        assert np.all((epochs[name] >= 0) & (epochs[name] <= 1)), f"{name} outside [0, 1]: {epochs[name]}"
+    assert epochs["loss"][-1] < epochs["loss"][0], "three epochs of APTS did not lower the loss"
+    missing = set(EXPECTED_SERIES) - set(iterations)
+    assert not missing, f"iteration series missing: {sorted(missing)}"
+    assert iterations["epoch"].tolist() == [1, 2, 3]  # full batch: one iteration per epoch
+    assert attrs["world_size"] == world and attrs["method"] == "apts" and attrs["subdomains"] == world
+    assert attrs["config"]["epochs"] == 3
+    payload, meta = load_checkpoint(dirs[key] / "checkpoint.h5")
+    assert payload["epoch"] == 3 and meta["world_size"] == world
+    epoch_lines = [line for line in trained[key].out.splitlines() if line.startswith("epoch")]
+    assert len(epoch_lines) == 3, f"expected one log line per epoch, from rank 0 only:\n{trained[key].out}"
+
+
+def test_report_prints_one_row_per_run(demo):
+    dirs, _, shown, _ = demo
+    assert_ok(shown["report"], "report")
+    lines = [line for line in shown["report"].out.splitlines() if line.strip()]
+    assert lines[0].split()[:2] == ["run", "seeds"] and set(lines[1]) <= {"-", " "}, shown["report"].out
+    rows = lines[2:]
+    assert len(rows) == len(dirs), f"expected {len(dirs)} rows:\n{shown['report'].out}"
+    for (name, run_dir), row in zip(dirs.items(), rows):
+        _, epochs, _ = read_metrics(run_dir / "metrics.h5")
+        assert name in row.split() and row.split()[4] == "3", row  # label ... seeds epochs
+        assert f"{100 * epochs['test_accuracy'][-1]:.2f}" in row.split(), row
+
+
+def test_plot_writes_png(demo):
+    _, _, shown, figure = demo
+    assert_ok(shown["plot"], "plot")
+    data = figure.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG file"
+    assert data[-8:-4] == b"IEND", "PNG file is truncated"
+    assert str(figure) in shown["plot"].out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. exact resume, serial TR (its 2-epoch folder also serves the bad-input cases)
+
+@pytest.fixture(scope="module")
+def tr_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tr")
+    base = ["train", CONFIG, "--set", "optimizer.method=tr", *SMALL_BATCH]
+    first = run_all(tmp, {"whole": ([*base, "--set", "epochs=4", "--out", tmp / "whole"], 1),
+                          "first": ([*base, "--set", "epochs=2", "--out", tmp / "resumed"], 1)})
+    if first["first"].rc == 0:
+        shutil.copytree(tmp / "resumed", tmp / "two-epochs")
+    second = Launch(tmp, [*base, "--set", "epochs=4", "--out", tmp / "resumed", "--resume"]).wait()
+    return tmp, {**first, "second": second}
+
+
+def test_tr_resume_is_exact(tr_runs):
+    tmp, results = tr_runs
+    for key in ("whole", "first", "second"):
+        assert_ok(results[key], f"TR run '{key}'")
+    assert "epoch   3" in results["second"].out and "epoch   1" not in results["second"].out
+    assert_same_trajectory(tmp / "whole", tmp / "resumed")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. bad input: one line, exit status 2, nothing written
+
+FORK_SERVER = r'''
+import json, os, runpy, signal, sys, traceback
+import h5py, numpy, sklearn.datasets, sklearn.model_selection, torch, yaml  # the slow imports, once
+import apts_mpi.cli  # not mpi4py.MPI: each child initialises MPI itself, as a fresh process does
+codes = []
+for case in json.load(sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(case["cwd"])
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+        signal.alarm(case["timeout"])
+        sys.argv = ["apts_mpi", *case["args"]]
+        code = 0
+        try:
+            runpy.run_module("apts_mpi", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+'''
+
+
+def _bad_files(tmp):
+    """The files the bad-input cases point at, written under ``tmp``."""
+    (tmp / "broken.yaml").write_text("epochs: [1, 2\n")
+    (tmp / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp / "list.yaml").write_text("- epochs\n- 3\n")
+    (tmp / "ten.yaml").write_text('epochs: "ten"\n')
+    (tmp / "no-data").mkdir()
+    raw = tmp / "bad-idx" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes.fromhex("00000804 00000001 00000001 00000001 00"))
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes.fromhex("00000801 00000001 00"))
+    (tmp / "existing").mkdir()
+    (tmp / "existing" / "notes.txt").write_text("mine")
+
+
+# id: (arguments given the tmp folder and the TR checkpoint folder, words the message must hold);
+# "OUT" stands for a fresh --out folder that must not exist afterwards.
+def _train(*args):
+    return lambda tmp, ckpt: ["train", CONFIG, *args, "--out", "OUT"]
+
+
+def _set(*pairs):
+    return _train(*[x for pair in pairs for x in ("--set", pair)])
+
+
+BAD_INPUT = {
+    "unknown top-level key": (_set("epochz=3"), ["epochz", "unknown key"]),
+    "unknown key in a section": (_set("optimizer.radiuss=0.05"), ["optimizer.radiuss", "unknown key"]),
+    "wrong type from --set": (_set("epochs=ten"), ["epochs", "integer", "'ten'"]),
+    "wrong type in the file": (lambda tmp, ckpt: ["train", tmp / "ten.yaml", "--out", "OUT"],
+                               ["epochs", "integer", "'ten'"]),
+    "--set value not YAML": (_set("epochs=[1"), ["--set epochs", "YAML"]),
+    "eta1 >= eta2": (_set("optimizer.eta1=0.8"), ["eta1", "eta2"]),
+    "eta1 == eta2": (_set("optimizer.eta1=0.75"), ["eta1", "eta2"]),
+    "radius above max_radius": (_set("optimizer.radius=0.5"), ["radius (0.5)", "max_radius"]),
+    "radius below min_radius": (_set("optimizer.radius=0.00001", "optimizer.method=tr"),
+                                ["radius (1e-05)", "min_radius"]),
+    "decrease = 0": (_set("optimizer.decrease=0"), ["decrease"]),
+    "decrease < 0": (_set("optimizer.decrease=-0.5"), ["decrease"]),
+    "local_iters = 0": (_set("optimizer.local_iters=0"), ["optimizer.local_iters", "0"]),
+    "unknown optimizer method": (_set("optimizer.method=newton"), ["optimizer.method", "newton"]),
+    "config file missing": (lambda tmp, ckpt: ["train", tmp / "missing.yaml", "--out", "OUT"],
+                            ["missing.yaml"]),
+    "config file not YAML": (lambda tmp, ckpt: ["train", tmp / "broken.yaml", "--out", "OUT"],
+                             ["broken.yaml", "not valid YAML"]),
+    "config file binary": (lambda tmp, ckpt: ["train", tmp / "binary.yaml", "--out", "OUT"],
+                           ["binary.yaml", "not valid YAML"]),
+    "config file not a mapping": (lambda tmp, ckpt: ["train", tmp / "list.yaml", "--set", "seed=1",
+                                                     "--out", "OUT"], ["list.yaml", "mapping"]),
+    "more subdomains than tensors": (_set("optimizer.subdomains=9"), ["subdomains=9", "4 parameter tensors"]),
+    "world size not divisible by replicas": (_set("optimizer.replicas=3"), ["replicas=3", "world size 1"]),
+    "MNIST files missing": (lambda tmp, ckpt: ["train", CONFIG, "--set", "data.dataset=mnist", "--set",
+                                               f"data.root={tmp / 'no-data'}", "--out", "OUT"],
+                            ["train-images-idx3-ubyte", "no-data"]),
+    "IDX file malformed": (lambda tmp, ckpt: ["train", CONFIG, "--set", "data.dataset=mnist", "--set",
+                                              f"data.root={tmp / 'bad-idx'}", "--out", "OUT"],
+                           ["magic", "train-images-idx3-ubyte"]),
+    "device cuda without CUDA": (_set("device=cuda"), ["cuda"]),
+    "output folder exists": (lambda tmp, ckpt: ["train", CONFIG, "--out", tmp / "existing"],
+                             ["existing", "--resume"]),
+    "resume without checkpoint": (lambda tmp, ckpt: ["train", CONFIG, "--resume", "--out", "OUT"],
+                                  ["--resume", "checkpoint.h5"]),
+    "resume a checkpoint of another config": (
+        lambda tmp, ckpt: ["train", CONFIG, "--set", "optimizer.method=tr", *SMALL_BATCH, "--set",
+                           "optimizer.radius=0.02", "--resume", "--out", ckpt], ["config_hash"]),
+    "report of a folder without metrics": (lambda tmp, ckpt: ["report", tmp / "existing"],
+                                           ["existing", "metrics.h5"]),
+}
+FRESH = "unknown top-level key"
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory, tr_runs):
+    tmp = tmp_path_factory.mktemp("bad")
+    _bad_files(tmp)
+    ckpt = tr_runs[0] / "two-epochs"
+    watched = {"existing": tmp / "existing", "checkpoint": ckpt}
+    before = {k: folder_state(p) for k, p in watched.items()}
+    cases, outs = [], {}
+    for i, (name, (make_args, _)) in enumerate(BAD_INPUT.items()):
+        outs[name] = tmp / f"out-{i}"
+        args = [str(outs[name]) if a == "OUT" else str(a) for a in make_args(tmp, ckpt)]
+        cases.append({"cwd": str(tmp), "out": str(tmp / f"case-{i}.out"),
+                      "err": str(tmp / f"case-{i}.err"), "timeout": 120, "args": args})
+    # the first case also from a fresh interpreter, beside the fork server
+    fresh_args = BAD_INPUT[FRESH][0](tmp, ckpt)
+    outs["fresh interpreter"] = tmp / "out-fresh"
+    fresh = Launch(tmp, [outs["fresh interpreter"] if a == "OUT" else a for a in fresh_args])
+    server = subprocess.run([PYTHON, "-c", FORK_SERVER], input=json.dumps(cases), capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT, env=ENV, cwd=tmp)
+    assert server.returncode == 0, f"fork server failed:\n{server.stdout}\n{server.stderr}"
+    codes = json.loads(server.stdout.splitlines()[-1])
+    results = {name: Result(code, Path(case["out"]).read_text(), Path(case["err"]).read_text())
+               for name, case, code in zip(BAD_INPUT, cases, codes)}
+    results["fresh interpreter"] = fresh.wait()
+    after = {k: folder_state(p) for k, p in watched.items()}
+    return results, outs, before, after
+
+
+@pytest.mark.parametrize("name", [*BAD_INPUT, "fresh interpreter"])
+def test_bad_input_is_refused_before_any_work(bad_input, name):
+    results, outs, before, after = bad_input
+    result = results[name]
+    words = BAD_INPUT[FRESH if name == "fresh interpreter" else name][1]
+    assert_one_error_line(result, *words)
+    assert "epoch" not in result.out, f"training started:\n{result.show()}"
+    assert not outs[name].exists(), f"a run folder was left behind: {sorted(os.listdir(outs[name]))}"
+
+
+def test_refused_input_leaves_existing_folders_untouched(bad_input):
+    _, _, before, after = bad_input
+    for key in before:
+        assert before[key] is not None and after[key] == before[key], f"{key} folder changed"
+
+
+@pytest.fixture(scope="module")
+def bad_input_two_ranks(tmp_path_factory, tr_runs):
+    tmp = tmp_path_factory.mktemp("bad2")
+    ckpt = tr_runs[0] / "two-epochs"
+    before = folder_state(ckpt)
+    results = run_all(tmp, {
+        "subdomains": (["train", CONFIG, "--set", "optimizer.subdomains=3", "--out", tmp / "out"], 2),
+        "world size": (["train", CONFIG, "--set", "optimizer.method=tr", *SMALL_BATCH, "--resume",
+                        "--out", ckpt], 2)})
+    return tmp, results, before, folder_state(ckpt)
+
+
+def test_two_ranks_print_one_message_and_exit_2(bad_input_two_ranks):
+    tmp, results, before, after = bad_input_two_ranks
+    assert_one_error_line(results["subdomains"], "subdomains=3", "world has 2")
+    assert not (tmp / "out").exists(), "a run folder was left behind"
+    assert_one_error_line(results["world size"], "world_size", "is 1", "expected 2")
+    assert after == before, "the refused resume changed the checkpoint folder"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. exact resume and kills, APTS on two ranks
+
+def _kill_group_after_first_checkpoint(launch, run_dir):
+    """SIGKILL the launch's process group once a checkpoint exists; returns the ranks still alive."""
+    launch.wait_for(run_dir / "checkpoint.h5")
+    ranks = launch.rank_pids()
+    os.killpg(launch.proc.pid, signal.SIGKILL)
+    launch.proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = alive(ranks)
+    _kill(survivors)
+    return survivors
+
+
+@pytest.fixture(scope="module")
+def apts_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("apts")
+    base = ["train", CONFIG, *SMALL_BATCH]
+    first = {"whole": Launch(tmp, [*base, "--set", "epochs=4", "--out", tmp / "whole"], 2),
+             "first": Launch(tmp, [*base, "--set", "epochs=2", "--out", tmp / "resumed"], 2)}
+    killed = Launch(tmp, [*base, "--set", "epochs=1000", "--out", tmp / "killed"], 2)
+    survivors = _kill_group_after_first_checkpoint(killed, tmp / "killed")
+    killed_at = load_checkpoint(tmp / "killed" / "checkpoint.h5")[0]["epoch"]
+    results = {k: launch.wait() for k, launch in first.items()}
+    resume = ["--set", "epochs=4", "--resume", "--out"]
+    results.update(run_all(tmp, {"second": ([*base, *resume, tmp / "resumed"], 2),
+                                 "after kill": ([*base, *resume, tmp / "killed"], 2)}))
+    return tmp, results, survivors, killed_at
+
+
+def test_apts_two_ranks_resume_is_exact(apts_runs):
+    tmp, results, _, _ = apts_runs
+    for key in ("whole", "first", "second"):
+        assert_ok(results[key], f"APTS run '{key}'")
+    assert_same_trajectory(tmp / "whole", tmp / "resumed")
+
+
+def test_apts_two_ranks_resume_after_sigkill_is_exact(apts_runs):
+    tmp, results, survivors, killed_at = apts_runs
+    assert not survivors, f"ranks {survivors} outlived the SIGKILL of their mpiexec process group"
+    assert 1 <= killed_at < 4, f"the run was killed at epoch {killed_at}, not part-way through 4"
+    assert_ok(results["whole"], "APTS run 'whole'")
+    assert_ok(results["after kill"], "resume after SIGKILL")
+    assert f"epoch   {killed_at + 1}" in results["after kill"].out
+    assert_same_trajectory(tmp / "whole", tmp / "killed")
+
+
+def test_killing_one_rank_ends_the_launch(tmp_path):
+    launch = Launch(tmp_path, ["train", CONFIG, *SMALL_BATCH, "--set", "epochs=1000",
+                               "--out", tmp_path / "run"], ranks=2)
+    launch.wait_for(tmp_path / "run" / "checkpoint.h5")  # both ranks are in the training loop
+    ranks = launch.rank_pids()
+    assert len(ranks) == 2, f"expected two rank processes, found {ranks}"
+    start = time.monotonic()
+    os.kill(ranks[-1], signal.SIGKILL)
+    try:
+        launch.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        launch.kill()
+        pytest.fail("mpiexec still running 30 s after one of its ranks was killed")
+    elapsed = time.monotonic() - start
+    deadline = time.monotonic() + 10
+    while alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = alive(ranks)
+    _kill(survivors)
+    assert launch.proc.returncode != 0, "mpiexec reported success after a rank was killed"
+    assert not survivors, f"rank {survivors} outlived the launch"
+    assert elapsed < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. determinism
+
+@pytest.fixture(scope="module")
+def twin_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("twins")
+    args = ["train", CONFIG, *SMALL_BATCH, "--set", "epochs=3", "--set", "optimizer.subdomains=2",
+            "--set", "optimizer.decomposition=random-tensors", "--set", "optimizer.local_model=lsr1"]
+    results = run_all(tmp, {k: ([*args, "--out", tmp / k], 1) for k in ("one", "two")})
+    return tmp, results
+
+
+def test_same_config_and_seed_give_identical_runs(twin_runs):
+    tmp, results = twin_runs
+    for key, result in results.items():
+        assert_ok(result, f"run '{key}'")
+    assert_same_trajectory(tmp / "one", tmp / "two")
