@@ -70,9 +70,10 @@ class IterationReport:
     global_grad_evals: int = 0
     global_accepted: int = 0
     global_rejected: int = 0
-    seconds_local: float = 0.0
-    seconds_comm: float = 0.0
-    seconds_global: float = 0.0
+    seconds_local: float = 0.0        # local phase, less the collectives in it
+    seconds_comm: float = 0.0         # in collectives (transfer)
+    seconds_wait: float = 0.0         # waiting for the slowest rank (only with Comm.measure_wait)
+    seconds_global: float = 0.0       # acceptance and global pass, less the collectives in them
     seconds: float = 0.0
 
 
@@ -265,7 +266,9 @@ class APTS:
         """One APTS iteration on the minibatch (inputs, targets); returns the loss at the new iterate."""
         t_start = time.perf_counter()
         comm, world = self.comm, self.comm.size
-        comm_s0 = comm.seconds + self.group.seconds
+        def in_collectives():
+            return comm.seconds + comm.waiting + self.group.seconds + self.group.waiting
+        wait0, comm_s0 = comm.waiting + self.group.waiting, in_collectives()
         glob = self.global_core
         saved = glob.saved
         self.whole.gather(saved)  # theta_k
@@ -288,7 +291,7 @@ class APTS:
         r.local_loss_evals = sum(c.counters.loss_evals - before[d][0] for d, c in self.local.items())
         r.local_grad_evals = sum(c.counters.grad_evals - before[d][1] for d, c in self.local.items())
         t_local = time.perf_counter() - t0
-        comm_local = self.group.seconds + comm.seconds - comm_s0
+        comm_local = in_collectives() - comm_s0
 
         # 3. additive combination
         comm.allgatherv_(self.correction, self.counts, self.displs)
@@ -298,7 +301,7 @@ class APTS:
         self.whole.add_(self.correction)
         r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
-        comm_combine = comm.seconds + self.group.seconds - comm_s0 - comm_local
+        comm_combine = in_collectives() - comm_s0 - comm_local
 
         # 4. acceptance, on shares of B
         t0 = time.perf_counter()
@@ -336,8 +339,9 @@ class APTS:
         r.global_grad_evals = glob.counters.grad_evals - ev_before[1]
         r.global_accepted = glob.counters.accepted - acc0
         r.global_rejected = glob.counters.rejected - rej0
-        r.seconds_comm = comm.seconds + self.group.seconds - comm_s0
-        comm_global = r.seconds_comm - comm_local - comm_combine
+        r.seconds_wait = comm.waiting + self.group.waiting - wait0
+        r.seconds_comm = in_collectives() - comm_s0 - r.seconds_wait
+        comm_global = in_collectives() - comm_s0 - comm_local - comm_combine
         r.seconds_local, r.seconds_global = t_local - comm_local, t_global - comm_global
         r.seconds = time.perf_counter() - t_start
         self.report = r

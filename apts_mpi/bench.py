@@ -59,28 +59,33 @@ def bench_apts(args):
     opt.comm = Comm(comm, measure_wait=comm.Get_size() > 1)  # benchmark only: split wait from transfer
     rows = []
     for k in range(args.warmup + args.iterations):
-        c0, w0, b0 = opt.comm.seconds, opt.comm.waiting, opt.comm.bytes
+        b0 = opt.comm.bytes
         comm.Barrier()
         t = time.perf_counter()
         opt.step(x, y)
         total = time.perf_counter() - t
         r = opt.report
         if k >= args.warmup:
-            rows.append(dict(total=total, local=r.seconds_local, comm=opt.comm.seconds - c0,
-                             waiting=opt.comm.waiting - w0, global_=r.seconds_global,
+            rows.append(dict(total=total, local=r.seconds_local, comm=r.seconds_comm,
+                             waiting=r.seconds_wait, global_=r.seconds_global,
                              bytes=opt.comm.bytes - b0))
     gathered = comm.gather(rows, root=0)
     if comm.Get_rank() == 0:
-        med = {k: statistics.median(max(r[i][k] for r in gathered) for i in range(len(rows)))
-               for k in rows[0]}  # per iteration, the slowest rank
-        n = count_parameters(model)
+        # per iteration: the breakdown of the critical rank (the one with the most local work), and
+        # the longest wait of any rank (the idle time that load imbalance costs)
+        per_iteration = []
+        for i in range(len(rows)):
+            ranks = [r[i] for r in gathered]
+            crit = max(ranks, key=lambda row: row["local"])
+            other = crit["total"] - crit["local"] - crit["global_"] - crit["comm"] - crit["waiting"]
+            per_iteration.append(dict(crit, other=other, waiting=max(row["waiting"] for row in ranks)))
+        med = {k: statistics.median(row[k] for row in per_iteration) for k in per_iteration[0]}
         label = (f"APTS MPI N={comm.Get_size()}" if comm.Get_size() > 1
                  else f"APTS serial N={args.subdomains}")
         return dict(kind="apts", label=label, ranks=comm.Get_size(), subdomains=opt.n_subdomains,
-                    parameters=n, data=source, iterations=args.iterations, seconds=med["total"],
-                    local=med["local"], comm=med["comm"], waiting=med["waiting"], global_=med["global_"],
-                    bytes=med["bytes"], bookkeeping=med["total"] - med["local"] - med["global_"]
-                    - med["comm"] - med["waiting"])
+                    parameters=count_parameters(model), data=source, iterations=args.iterations,
+                    seconds=med["total"], local=med["local"], comm=med["comm"], waiting=med["waiting"],
+                    global_=med["global_"], bytes=med["bytes"], bookkeeping=med["other"])
 
 
 def bench_allreduce(args):
