@@ -177,28 +177,32 @@ class APTS:
         self.iteration = 0
 
     # -- evaluations ------------------------------------------------------------------------------
-    def _batch_loss_sum(self, inputs, targets, share, grad: bool):
-        """sum over the samples of ``share`` of the loss; backward if ``grad``; returns a 0-dim tensor."""
-        x, y = inputs[share], targets[share]
-        if len(y) == 0:
-            return torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
-        with torch.set_grad_enabled(grad):
-            loss = self.loss_fn(self.model(x), y) * len(y)
-            if grad:
-                loss.backward()
-        return loss.detach()
-
     def _share(self, n_samples, rank, size):
         return slice(n_samples * rank // size, n_samples * (rank + 1) // size)
 
-    def _shared_evaluate(self, inputs, targets, comm: Comm, subdomain: Subdomain, grad_out=None):
-        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s shares of B."""
-        B = len(targets)
-        share = self._share(B, comm.rank, comm.size)
-        if grad_out is not None:
+    def _shared_evaluate(self, inputs, targets, comm: Comm, subdomain: Subdomain, grad_out=None,
+                         net=None, presliced=False, B=None):
+        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s shares of B.
+
+        ``net`` replaces the model (the part after a cached prefix); with ``presliced`` the inputs
+        and targets are already this rank's share of a minibatch of ``B`` samples.
+        """
+        if not presliced:
+            B = len(targets)
+            share = self._share(B, comm.rank, comm.size)
+            inputs, targets = inputs[share], targets[share]
+        grad = grad_out is not None
+        if grad:
             self.model.zero_grad(set_to_none=False)
-        loss = self._batch_loss_sum(inputs, targets, share, grad=grad_out is not None)
-        if grad_out is None:
+        if len(targets):
+            with torch.set_grad_enabled(grad):
+                loss = self.loss_fn((net or self.model)(inputs), targets) * len(targets)
+                if grad:
+                    loss.backward()
+            loss = loss.detach()
+        else:
+            loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
+        if not grad:
             return comm.sum_scalars([float(loss)])[0] / B
         m = subdomain.numel
         buf = self.reduce_buffer[:m + 1]
@@ -207,6 +211,16 @@ class APTS:
         comm.allreduce_(buf)
         torch.div(buf[:m], B, out=grad_out)
         return buf[m] / B
+
+    def _frozen_prefix(self, mine) -> int:
+        """Leading layers of an ``nn.Sequential`` model that hold none of the parameters ``mine``:
+        their output is constant during a local phase, so it is computed once, not per evaluation."""
+        if not isinstance(self.model, torch.nn.Sequential):
+            return 0
+        for i, layer in enumerate(self.model):
+            if any(id(p) in mine for p in layer.parameters()):
+                return i
+        return len(self.model)
 
     # -- the iteration ----------------------------------------------------------------------------
     def _decide(self, loss0, trial, pred):
@@ -235,8 +249,16 @@ class APTS:
         for p in frozen:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
+            B, k = len(targets), self._frozen_prefix(mine)
+            share = self._share(B, self.group.rank, self.group.size)
+            x, y = inputs[share], targets[share]
+            net = self.model[k:] if k else self.model
+            if k:
+                x = self.model[:k](x)  # under no_grad (step): constant for this phase
+
             def evaluate(grad_out):
-                loss = self._shared_evaluate(inputs, targets, self.group, sub, grad_out)
+                loss = self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
+                                             presliced=True, B=B)
                 if self.foc:  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
                     u = sub.gather(torch.empty_like(grad_out)).sub_(saved[a:b])
                     loss = loss + self.foc_term[a:b].dot(u)

@@ -1,0 +1,151 @@
+"""APTS on one process: against TrustRegion, cached prefixes, bounds, faults, validation."""
+import math
+
+import pytest
+import torch
+
+from apts_mpi import APTS, TrustRegion
+
+
+def problem(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(dtype)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(120, 10, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (120,), generator=g)
+    return model, x, y
+
+
+def flat(model):
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+class Wrapped(torch.nn.Module):
+    """The same network, not an nn.Sequential: APTS cannot cache a frozen prefix for it."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def test_one_subdomain_one_local_iteration_equals_a_trust_region_step():
+    """N = 1, one local iteration, no global pass, acceptance none: a TrustRegion step (inf-norm
+    Cauchy point of radius Delta), as long as the local step is accepted and the radius stays (it
+    starts at its maximum; under acceptance none only a global pass would change it)."""
+    model, x, y = problem()
+    ref_model, _, _ = problem()
+    apts = APTS(model, torch.nn.functional.cross_entropy, subdomains=1, local_iters=1, global_iters=0,
+                acceptance="none", radius=0.05, max_radius=0.05)
+    tr = TrustRegion(ref_model.parameters(), radius=0.05, max_radius=0.05)
+    for _ in range(4):
+        apts.step(x, y)
+
+        def closure():
+            tr.zero_grad()
+            loss = torch.nn.functional.cross_entropy(ref_model(x), y)
+            loss.backward()
+            return loss
+        tr.step(closure)
+        torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-12, atol=1e-14)
+    assert tr.counters.accepted == 4
+
+
+@pytest.mark.parametrize("decomposition", ["balanced", "flat", "random-tensors"])
+def test_cached_prefix_gives_the_same_iterates(decomposition):
+    model, x, y = problem()
+    plain, _, _ = problem()
+    kw = dict(subdomains=3, decomposition=decomposition, seed=1, radius=0.05)
+    a = APTS(model, torch.nn.functional.cross_entropy, **kw)
+    b = APTS(Wrapped(plain), torch.nn.functional.cross_entropy, **kw)
+    for _ in range(4):
+        a.step(x, y)
+        b.step(x, y)
+        assert a.report.accepted == b.report.accepted
+    torch.testing.assert_close(flat(model), flat(plain), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_assembled_step_respects_the_global_radius(fraction):
+    model, x, y = problem()
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=3, radius=0.05,
+               local_fraction=fraction, global_iters=0)
+    for _ in range(5):
+        radius = opt.radius
+        before = flat(model)
+        opt.step(x, y)
+        r = opt.report
+        assert r.step_inf <= fraction * radius * (1 + 1e-12)
+        if r.accepted:
+            assert (flat(model) - before).abs().max() <= fraction * radius * (1 + 1e-12)
+        assert r.local_loss_evals <= 3 * (1 + opt.local_iters)
+
+
+def test_nonfinite_trial_is_rejected_in_every_mode_and_parameters_restored():
+    for acceptance in ("ratio", "none", "nonmonotone"):
+        model, x, y = problem()
+        calls = {"n": 0}
+
+        def loss_fn(out, target):
+            calls["n"] += 1
+            loss = torch.nn.functional.cross_entropy(out, target)
+            return loss * math.nan if calls["n"] == 13 else loss  # 2 x 6 local, then the trial
+
+        opt = APTS(model, loss_fn, subdomains=2, acceptance=acceptance, global_iters=0)
+        before = flat(model)
+        opt.step(x, y)
+        assert not math.isfinite(opt.report.trial_loss)
+        assert not opt.report.accepted
+        assert torch.equal(flat(model), before)
+
+
+def test_nonmonotone_accepts_against_the_window():
+    """With the reference max(f_k, window), a step that raises the loss a little can be accepted."""
+    model, x, y = problem()
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=2, acceptance="nonmonotone",
+               window=3, global_iters=0)
+    opt.history.extend([10.0])  # an earlier, much larger loss in the window
+    f0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt.step(x, y)
+    expected = (10.0 - opt.report.trial_loss) / opt.report.pred
+    assert opt.report.rho == pytest.approx(expected)
+    assert opt.report.loss == pytest.approx(f0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(subdomains=7), "exceeds the 6 parameter tensors"),
+    (dict(replicas=2), "world size 1 is not divisible by replicas=2"),
+    (dict(acceptance="sometimes"), "acceptance must be one of"),
+    (dict(local_iters=0), "local_iters must be an integer >= 1"),
+    (dict(local_fraction=1.5), "local_fraction must lie in (0, 1]"),
+    (dict(local_model="newton"), "local_model and global_model"),
+    (dict(decomposition="layers"), "decomposition must be one of"),
+    (dict(eta1=0.9, eta2=0.5), "0 < eta1 < eta2 < 1"),
+])
+def test_bad_keywords_raise_one_clear_message(kwargs, message):
+    model, _, _ = problem()
+    with pytest.raises(ValueError) as err:
+        APTS(model, torch.nn.functional.cross_entropy, **kwargs)
+    assert message in str(err.value)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def make():
+        model, x, y = problem()
+        return model, x, y, APTS(model, torch.nn.functional.cross_entropy, subdomains=2,
+                                 local_model="lsr1", acceptance="nonmonotone")
+    model, x, y, opt = make()
+    for _ in range(3):
+        opt.step(x, y)
+    params, state = flat(model), opt.state_dict()
+    for _ in range(3):
+        opt.step(x, y)
+    model2, _, _, opt2 = make()
+    torch.nn.utils.vector_to_parameters(params, model2.parameters())
+    opt2.load_state_dict(state)
+    for _ in range(3):
+        opt2.step(x, y)
+    assert torch.equal(flat(model2), flat(model))
