@@ -179,10 +179,34 @@ def summary(paths, json_out=None):
     return table
 
 
+def time_to_accuracy(run_dirs, target, json_out=None):
+    """Seconds and epochs until the test accuracy first reaches ``target``, one row per run."""
+    from .results import read_metrics
+    lines = [f"| run | ranks | reached {100 * target:.0f}% at epoch | seconds | best test acc % | epochs run |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for d in run_dirs:
+        _, epochs, attrs = read_metrics(os.path.join(d, "metrics.h5"))
+        acc = np.asarray(epochs["test_accuracy"])
+        hit = np.flatnonzero(acc >= target)
+        row = dict(run=os.path.basename(os.path.normpath(d)), ranks=attrs.get("world_size"),
+                   epoch=int(epochs["epoch"][hit[0]]) if hit.size else None,
+                   seconds=float(epochs["seconds"][hit[0]]) if hit.size else None,
+                   best=float(100 * acc.max()), epochs=int(len(acc)))
+        rows.append(row)
+        reached = (f"{row['epoch']} | {row['seconds']:.0f}" if hit.size else "not reached | -")
+        lines.append(f"| {row['run']} | {row['ranks']} | {reached} | {row['best']:.2f} | {row['epochs']} |")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(dict(target=target, rows=rows), f, indent=1)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m apts_mpi.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("apts", "allreduce", "baseline", "summary"))
-    p.add_argument("paths", nargs="*", help="summary: the JSON-lines files")
+    p.add_argument("what", choices=("apts", "allreduce", "baseline", "summary", "tta"))
+    p.add_argument("paths", nargs="*", help="summary: the JSON-lines files; tta: run folders")
+    p.add_argument("--target", type=float, default=0.97, help="tta: the test accuracy to reach")
     p.add_argument("--out", help="append the result to this JSON-lines file")
     p.add_argument("--json", help="summary: write the table's numbers here")
     p.add_argument("--subdomains", type=int, default=1)
@@ -196,6 +220,9 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.what == "summary":
         print(summary(args.paths, args.json))
+        return
+    if args.what == "tta":
+        print(time_to_accuracy(args.paths, args.target, args.json))
         return
     result = {"apts": bench_apts, "allreduce": bench_allreduce, "baseline": bench_baseline}[args.what](args)
     if result is not None:

@@ -66,8 +66,12 @@ def _prepare(args, comm):
         if args.resume:
             if not (out / CHECKPOINT_FILE).exists():
                 raise ValueError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}")
-            load_checkpoint(out / CHECKPOINT_FILE, expect={"config_hash": configuration.digest(cfg),
-                                                           "world_size": comm.Get_size()})
+            payload, _ = load_checkpoint(out / CHECKPOINT_FILE,
+                                         expect={"config_hash": configuration.digest(cfg),
+                                                 "world_size": comm.Get_size()})
+            if payload["epoch"] > cfg["epochs"]:  # else the run would end at once, silently
+                raise ValueError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
+                                 f"past epochs={cfg['epochs']}")
         else:
             if out.exists():
                 raise ValueError(f"output folder {out} exists (pass --resume to continue it, or "

@@ -41,7 +41,7 @@ _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 TOP = {
     "name": ("run", str, None),
-    "seed": (0, int, _nonneg),
+    "seed": (0, int, (lambda v: 0 <= v < 2**63, "in [0, 2**63)")),  # torch and HDF5 take int64
     "epochs": (10, int, _positive),
     "checkpoint_every": (1, int, _positive),
     "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
@@ -127,9 +127,12 @@ def resolve(raw: dict) -> dict:
     config = {k: _check(k, raw[k], spec) if k in raw else spec[0] for k, spec in TOP.items()}
     for name, schema in SECTIONS.items():
         config[name] = _fill(name, raw.get(name, {}), schema)
-    opt = dict(raw.get("optimizer", {}) or {})
+    opt = raw.get("optimizer")
+    if not isinstance(opt, (dict, type(None))):
+        raise ConfigError(f"optimizer: expected a mapping, got {opt!r}")
+    opt = dict(opt or {})
     method = opt.pop("method", "apts")
-    if method not in OPTIMIZER_KEYS:
+    if not isinstance(method, str) or method not in OPTIMIZER_KEYS:
         raise ConfigError(f"optimizer.method: must be one of {', '.join(OPTIMIZER_KEYS)}, got {method!r}")
     config["optimizer"] = {"method": method, **_fill("optimizer", opt, OPTIMIZER_KEYS[method])}
     _check_constants(config["optimizer"])
@@ -177,8 +180,19 @@ def apply_overrides(raw: dict, overrides) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML: "
+                              f"{_yaml_problem(e)}") from None
     return raw
+
+
+def _yaml_problem(error) -> str:
+    """A YAML parser error on one line: the problem and where (PyYAML's own text spans lines)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    text = " ".join(str(problem or error).split())
+    return f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else text
 
 
 def load(path, overrides=()) -> dict:
@@ -188,8 +202,12 @@ def load(path, overrides=()) -> dict:
             raw = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file is not YAML either
+        problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else f"not UTF-8 text ({e.reason})"
+        raise ConfigError(f"config {path} is not valid YAML: {problem}") from None
+    if raw is not None and not isinstance(raw, dict):  # before --set walks into it
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got "
+                          f"{type(raw).__name__}")
     return resolve(apply_overrides(raw, overrides))
 
 
