@@ -7,6 +7,8 @@
 Input that cannot run (config, data files, output folder, checkpoint, device, rank count) is found
 before any work and any file is written; every rank takes part in the check, rank 0 prints one
 line ``apts-mpi: error: ...`` and every rank exits with status 2 (no MPI abort, nothing left behind).
+A run that cannot go on (a non-finite loss, a radius stuck at its minimum for ``stall_iterations``
+iterations) writes its metrics, prints ``apts-mpi: stopped: ...`` once and exits with status 3.
 """
 from __future__ import annotations
 
@@ -24,16 +26,16 @@ USER_ERRORS = (configuration.ConfigError, DataError, ResultsError, ValueError, O
 log = logging.getLogger("apts_mpi")
 
 
-def _fail(message, comm=None):
-    """One message from rank 0, exit status 2 on every rank (all ranks call this together)."""
+def _fail(message, comm=None, status=2, what="error"):
+    """One message from rank 0, exit ``status`` on every rank (all ranks call this together)."""
     if comm is None or comm.Get_rank() == 0:
-        print(f"apts-mpi: error: {message}", file=sys.stderr, flush=True)
+        print(f"apts-mpi: {what}: {message}", file=sys.stderr, flush=True)
     if comm is not None and comm.Get_size() > 1:
         from mpi4py import MPI
         MPI.Finalize()  # every rank agreed on the error: leave without MPI_Abort's noise
         sys.stdout.flush()
-        os._exit(2)
-    sys.exit(2)
+        os._exit(status)
+    sys.exit(status)
 
 
 def _check_slurm(world_size):
@@ -84,7 +86,7 @@ def _prepare(args, comm):
 
 def _cmd_train(args):
     from mpi4py import MPI
-    from .train import Experiment, train
+    from .train import Experiment, TrainingStopped, train
 
     comm = MPI.COMM_WORLD
     error, cfg, out, experiment = None, None, None, None
@@ -101,7 +103,10 @@ def _cmd_train(args):
     if comm.Get_rank() == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.Get_size(), out)
-    train(cfg, out, comm, resume=args.resume, experiment=experiment)
+    try:
+        train(cfg, out, comm, resume=args.resume, experiment=experiment)
+    except TrainingStopped as e:  # raised on every rank at the same iteration
+        _fail(str(e), comm, status=3, what="stopped")
 
 
 def _cmd_report(args):

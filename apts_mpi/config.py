@@ -6,6 +6,8 @@ A config has four sections; every key has a default, so a file names only what d
     seed: 0
     epochs: 20
     checkpoint_every: 1         # epochs between metrics/checkpoint writes (and the last)
+    target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
+    stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
     data:      {dataset: digits, root: null, download: false, batch_size: 100000, overlap: 0.0}
     model:     {name: mlp-digits, head: logits, dtype: float32}
@@ -22,6 +24,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 
 import yaml
 
@@ -31,6 +34,21 @@ from .models import MODELS
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)\.?[0-9_]*(?:[eE][-+]?[0-9]+)?$|^\.[0-9_]+(?:[eE][-+]?[0-9]+)?$
+                   |^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$""", re.X),
+    list("-+0123456789."))
+
+
+def _parse(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 # key: (default, type(s), check or None, description of the check)
@@ -44,6 +62,8 @@ TOP = {
     "seed": (0, int, (lambda v: 0 <= v < 2**63, "in [0, 2**63)")),  # torch and HDF5 take int64
     "epochs": (10, int, _positive),
     "checkpoint_every": (1, int, _positive),
+    "target_accuracy": (None, (float, int, type(None)), (lambda v: 0 < v <= 1, "in (0, 1]")),
+    "stall_iterations": (100, int, _positive),
     "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
 }
 DATA = {
@@ -181,7 +201,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = _parse(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: value {value!r} is not valid YAML: "
                               f"{_yaml_problem(e)}") from None
@@ -199,7 +219,7 @@ def load(path, overrides=()) -> dict:
     """Read, override and resolve a YAML config file; raises ConfigError."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = _parse(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file is not YAML either
@@ -213,7 +233,7 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name")
+RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "stall_iterations")
 
 
 def digest(config: dict) -> str:

@@ -689,7 +689,7 @@ def load_checkpoint(path, expect: dict | None = None):
 # --------------------------------------------------------------------------------------------
 
 _SUMMARY_KEYS = ("epochs", "final_test_acc", "best_test_acc", "final_loss", "seconds",
-                 "loss_evals", "grad_evals", "accepted", "rejected")
+                 "loss_evals", "grad_evals", "accepted", "rejected", "nonfinite")
 
 
 def _metrics_path(run_dir) -> Path:
@@ -730,7 +730,8 @@ def _run_values(epochs: dict) -> dict:
             "final_test_acc": None if acc is None else float(acc[-1]),
             "best_test_acc": best, "final_loss": last("loss"), "seconds": last("seconds"),
             "loss_evals": last("loss_evals"), "grad_evals": last("grad_evals"),
-            "accepted": last("accepted"), "rejected": last("rejected")}
+            "accepted": last("accepted"), "rejected": last("rejected"),
+            "nonfinite": last("nonfinite")}
 
 
 def _short_name(names: list) -> str:
@@ -809,12 +810,13 @@ def report_table(run_dirs: list) -> str:
     """A plain-text table, one row per group of runs differing only in seed (see summarize_runs).
 
     Columns: run (method, N, short folder name), seeds, epochs, final and best test accuracy %,
-    final loss, wall time s, loss/grad evals, accepted/rejected; a group of several seeds shows
+    final loss, wall time s, loss/grad evals, accepted/rejected, rejections of a non-finite trial
+    (``nonfinite``); a group of several seeds shows
     ``mean +- std``.  A missing series leaves its cell blank ('-' for half of a pair cell).
     Raises ``ResultsError`` for an unreadable metrics file.
     """
     header = ["run", "seeds", "epochs", "final test acc %", "best test acc %", "final loss",
-              "wall time s", "loss/grad evals", "accepted/rejected"]
+              "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
     table = [header]
     for row in summarize_runs(run_dirs):
         ep = row["values"]["epochs"]
@@ -830,7 +832,8 @@ def report_table(run_dirs: list) -> str:
         table.append([row["label"], str(row["n"]), epochs,
                       _fmt(row, "final_test_acc", ".2f"), _fmt(row, "best_test_acc", ".2f"),
                       _fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
-                      pair("loss_evals", "grad_evals"), pair("accepted", "rejected")])
+                      pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
+                      _fmt(row, "nonfinite", ".0f")])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
 
     def line(cells):

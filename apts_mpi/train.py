@@ -30,9 +30,13 @@ from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkp
 from .trust_region import TrustRegion
 
 log = logging.getLogger("apts_mpi")
-ITERATION_SERIES = ("epoch", "loss", "final_loss", "radius", "rho", "accepted", "step_inf",
+ITERATION_SERIES = ("epoch", "loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
                     "loss_evals", "grad_evals", "seconds", "seconds_local", "seconds_comm",
                     "seconds_global")
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (non-finite loss, stalled radius); metrics are written, all ranks raise."""
 
 
 class DataParallel:
@@ -44,6 +48,7 @@ class DataParallel:
         self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
         self.evals = self.last_evals = 0
         self.last_accepted = -1  # TrustRegion only: whether the last step was accepted
+        self.last_nonfinite = 0  # TrustRegion only: rejections of a non-finite trial in the last step
 
     def closure(self, inputs, targets):
         B = len(targets)
@@ -68,11 +73,12 @@ class DataParallel:
     def step(self, inputs, targets):
         before = self.evals
         counters = getattr(self.optimizer, "counters", None)
-        accepted = counters.accepted if counters else 0
+        accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
         loss = self.optimizer.step(self.closure(inputs, targets))
         self.last_evals = self.evals - before
         if counters:
             self.last_accepted = int(self.optimizer.counters.accepted > accepted)
+            self.last_nonfinite = self.optimizer.counters.nonfinite - nonfinite
         return float(loss)
 
 
@@ -97,18 +103,21 @@ def build_optimizer(cfg: dict, model, loss_fn, comm):
 def _iteration_record(optimizer, epoch, loss, seconds):
     """One row of the per-iteration series, with cumulative evaluation counts."""
     row = dict(epoch=epoch, loss=loss, final_loss=loss, radius=math.nan, rho=math.nan, accepted=-1,
+               nonfinite=0,
                step_inf=math.nan, seconds=seconds, seconds_local=math.nan, seconds_comm=math.nan,
                seconds_global=math.nan)
     if isinstance(optimizer, APTS):
         r = optimizer.report
         row.update(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
+                   nonfinite=int(not math.isfinite(r.trial_loss)),
                    accepted=int(r.accepted), step_inf=r.step_inf, seconds_local=r.seconds_local,
                    seconds_comm=r.seconds_comm, seconds_global=r.seconds_global,
                    loss_evals=r.local_loss_evals_total + r.global_loss_evals,
                    grad_evals=r.local_grad_evals_total + r.global_grad_evals)
     elif isinstance(optimizer.optimizer, TrustRegion):
         c = optimizer.optimizer.counters
-        row.update(radius=c.radius, rho=c.rho, accepted=optimizer.last_accepted)
+        row.update(radius=c.radius, rho=c.rho, accepted=optimizer.last_accepted,
+                   nonfinite=optimizer.last_nonfinite)
     if not isinstance(optimizer, APTS):
         row.update(loss_evals=optimizer.last_evals, grad_evals=optimizer.last_evals)
     return row
@@ -179,7 +188,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     meta = {"config_hash": configuration.digest(cfg), "world_size": world.size}
     iterations = {k: [] for k in ITERATION_SERIES}
     epochs = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
-                              "seconds", "accepted", "rejected", "loss_evals", "grad_evals", "radius")}
+                              "seconds", "accepted", "rejected", "nonfinite", "loss_evals",
+                              "grad_evals", "radius")}
     start_epoch, elapsed = 0, 0.0
     checkpoint = out_dir / CHECKPOINT_FILE
     if resume:
@@ -199,12 +209,16 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
              "world_size": world.size, "device": str(device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains if isinstance(optimizer, APTS) else 1}
-    totals = dict(accepted=0, rejected=0)
+    totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
-        totals = dict(accepted=int(epochs["accepted"][-1]), rejected=int(epochs["rejected"][-1]))
+        totals = {k: int(epochs[k][-1]) for k in totals}
+    if resume and rank == 0:  # temporary files of a write that a kill interrupted
+        for leftover in out_dir.glob(".*.tmp-*"):
+            leftover.unlink()
+    stall, stopped = 0, None
+    min_radius = cfg["optimizer"].get("min_radius")
     for epoch in range(start_epoch, cfg["epochs"]):
         t_epoch = time.perf_counter()
-        losses = []
         for idx in sampler.epoch_batches(epoch):
             x, y = train_x[idx.to(device)], train_y[idx.to(device)]
             t0 = time.perf_counter()
@@ -212,12 +226,23 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             row = _iteration_record(optimizer, epoch + 1, loss, time.perf_counter() - t0)
             for k in ITERATION_SERIES:
                 iterations[k].append(float(row[k]))
-            if row["accepted"] == 1:
-                totals["accepted"] += 1
-            elif row["accepted"] == 0:
-                totals["rejected"] += 1
-            losses.append(row["final_loss"])
-        sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
+            totals["accepted"] += row["accepted"] == 1
+            totals["rejected"] += row["accepted"] == 0
+            totals["nonfinite"] += int(row["nonfinite"])
+            # faults: every value below is shared by all ranks (reduced or broadcast), so every
+            # rank stops at the same iteration
+            at_floor = min_radius is not None and row["radius"] <= min_radius
+            stall = stall + 1 if at_floor and row["accepted"] != 1 else 0
+            if not math.isfinite(row["loss"]):
+                stopped = (f"the loss at the start of iteration {len(iterations['loss'])} is "
+                           f"{row['loss']}: check the data and the model (nothing to optimise)")
+            elif stall >= cfg["stall_iterations"]:
+                stopped = (f"{stall} steps in a row rejected at min_radius={min_radius} (last rho "
+                           f"{row['rho']:.3g}): no progress, stopping")
+            if stopped:
+                break
+        else:
+            sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
         train_loss, train_acc = evaluate(model, train_x, train_y, world, cfg["data"]["test_batch_size"])
         test_loss, test_acc = evaluate(model, test_x, test_y, world, cfg["data"]["test_batch_size"])
@@ -228,20 +253,32 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                          test_accuracy=test_acc, test_loss=test_loss, seconds=elapsed,
                          loss_evals=loss_evals, grad_evals=grad_evals, radius=radius, **totals).items():
             epochs[k].append(float(v))
-        save = (epoch + 1) % cfg["checkpoint_every"] == 0 or epoch + 1 == cfg["epochs"]
+        target = cfg["target_accuracy"]
+        reached = target is not None and test_acc >= target
+        last = epoch + 1 == cfg["epochs"] or reached
+        save = not stopped and ((epoch + 1) % cfg["checkpoint_every"] == 0 or last)
         if save:  # the same on every rank: the gather is collective
             opt_state = (comm.gather(optimizer.state_dict(), root=0) if isinstance(optimizer, APTS)
                          else optimizer.optimizer.state_dict())
-        if save and rank == 0:
-            payload = {"model": model.state_dict(), "sampler": sampler.state_dict(),
-                       "rng": {"torch": torch.get_rng_state()}, "epoch": epoch + 1,
-                       "seconds": elapsed, "iterations": iterations, "epochs": epochs,
-                       "optimizer": ({str(r): _dumps(s) for r, s in enumerate(opt_state)}
-                                     if isinstance(optimizer, APTS) else _dumps(opt_state))}
-            write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
-            save_checkpoint(checkpoint, payload, meta)
         if rank == 0:
+            if stopped or reached:
+                attrs["stopped"] = stopped or f"reached test accuracy {test_acc:.4f} >= {target}"
+            if save or stopped:  # a stopped run keeps its last complete checkpoint
+                write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+            if save:
+                payload = {"model": model.state_dict(), "sampler": sampler.state_dict(),
+                           "rng": {"torch": torch.get_rng_state()}, "epoch": epoch + 1,
+                           "seconds": elapsed, "iterations": iterations, "epochs": epochs,
+                           "optimizer": ({str(r): _dumps(s) for r, s in enumerate(opt_state)}
+                                         if isinstance(optimizer, APTS) else _dumps(opt_state))}
+                save_checkpoint(checkpoint, payload, meta)
             log.info("epoch %3d  loss %.4f  test acc %6.2f%%  radius %.2e  acc/rej %d/%d  %.1f s",
                      epoch + 1, train_loss, 100 * test_acc, radius, totals["accepted"],
                      totals["rejected"], elapsed)
+        if stopped:
+            raise TrainingStopped(stopped)
+        if reached:
+            if rank == 0:
+                log.info("reached the target test accuracy %.4f at epoch %d", target, epoch + 1)
+            break
     return epochs

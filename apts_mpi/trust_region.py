@@ -110,6 +110,7 @@ class Counters:
     grad_evals: int = 0
     accepted: int = 0
     rejected: int = 0
+    nonfinite: int = 0                # rejections because the trial loss or gradient was NaN/Inf
     rho: float = float("nan")
     radius: float = float("nan")
 
@@ -221,6 +222,7 @@ class TrustRegionCore:
                                     device=self.step.device).reshape(())
             trial, g_max = torch.stack([trial, torch.linalg.vector_norm(self.trial_grad, math.inf)]).tolist()
             finite = math.isfinite(trial) and math.isfinite(g_max)
+            self.counters.nonfinite += not finite
             accept, rho, self.radius = decide(loss - trial, pred, finite)
             if self.qn is not None and finite:
                 self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
