@@ -116,11 +116,9 @@ class APTS:
         if world > 1:
             expected = world // self.replicas
             if subdomains is not None and subdomains != expected:
-                raise ValueError(f"subdomains={subdomains} does not match world size {world} / "
-                                 f"replicas {self.replicas} = {expected} ranks per replica")
+                raise ValueError(f"subdomains={subdomains} needs {subdomains * self.replicas} ranks "
+                                 f"with replicas={self.replicas}; the world has {world}")
             subdomains = expected
-        elif self.replicas != 1:
-            raise ValueError("replicas > 1 needs a world of subdomains * replicas ranks")
         self.n_subdomains = _positive_int("subdomains", 1 if subdomains is None else subdomains)
         self.local_iters = _positive_int("local_iters", local_iters)
         self.global_iters = _positive_int("global_iters", global_iters, minimum=0)
@@ -172,6 +170,17 @@ class APTS:
         self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
         self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
         self.foc_term = torch.zeros(n, **kw) if self.foc else None
+        self.foc_work = torch.empty(n, **kw) if self.foc else None
+        # running statistics (batch normalisation) change with every forward pass, differently on
+        # every rank
+        # (counters too): the coordinator's are broadcast at the end of each iteration, one flat
+        # buffer per dtype
+        by_dtype = {}
+        for b in model.buffers() if world > 1 else []:
+            by_dtype.setdefault(b.dtype, []).append(b)
+        self.buffers = [(Subdomain.whole(group), torch.empty(sum(b.numel() for b in group),
+                                                             dtype=dtype, device=group[0].device))
+                        for dtype, group in by_dtype.items()]
         self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
         self.report = IterationReport()
         self.iteration = 0
@@ -260,7 +269,7 @@ class APTS:
                 loss = self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
                                              presliced=True, B=B)
                 if self.foc:  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
-                    u = sub.gather(torch.empty_like(grad_out)).sub_(saved[a:b])
+                    u = sub.gather(self.foc_work[:b - a]).sub_(saved[a:b])
                     loss = loss + self.foc_term[a:b].dot(u)
                     grad_out.add_(self.foc_term[a:b])
                 return loss
@@ -317,9 +326,11 @@ class APTS:
 
         # 3. additive combination
         comm.allgatherv_(self.correction, self.counts, self.displs)
-        pred, r.local_loss_evals_total, r.local_grad_evals_total = comm.sum_scalars(
-            [delta, r.local_loss_evals, r.local_grad_evals])
-        loss0 = comm.bcast([loss0])[0]
+        # one scalar Allreduce: the decreases, the evaluation counts and (from rank 0 alone, the
+        # others add zero) the coordinator's f(theta_k)
+        pred, local_loss_evals, local_grad_evals, loss0 = comm.sum_scalars(
+            [delta, r.local_loss_evals, r.local_grad_evals, loss0 if comm.rank == 0 else 0.0])
+        r.local_loss_evals_total, r.local_grad_evals_total = int(local_loss_evals), int(local_grad_evals)
         self.whole.add_(self.correction)
         r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
@@ -354,6 +365,10 @@ class APTS:
                             decide=self._broadcast_decision(glob._decide))
             self.radius = glob.radius
         t_global = time.perf_counter() - t0
+
+        for buffers, flat in self.buffers:
+            self.comm.bcast_(buffers.gather(flat))
+            buffers.scatter(flat)
 
         r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
         r.accepted, r.radius = accept, self.radius

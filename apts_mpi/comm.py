@@ -116,6 +116,12 @@ class Comm:
         return self._timed(
             lambda buf: self.comm.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)]), tensor)
 
+    def bcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """tensor <- root's tensor, in place."""
+        if self.size == 1:
+            return tensor
+        return self._timed(lambda buf: self.comm.Bcast(buf, root=root), tensor)
+
     def bcast(self, values, root: int = 0) -> list[float]:
         """Broadcast a few float64 scalars from ``root`` (the coordinator's decisions)."""
         array = np.asarray(values, dtype=np.float64)

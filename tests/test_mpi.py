@@ -63,6 +63,14 @@ def test_different_data_per_rank_keeps_ranks_identical(launch):
     assert float(np.load(out / "different-data.npz")["spread"]) == 0.0
 
 
+@pytest.mark.parametrize("launch", [4], indirect=True, ids=["4ranks"])
+def test_batchnorm_statistics_stay_identical_across_ranks(launch):
+    """Running statistics change with every forward pass, differently per rank; the coordinator's
+    are broadcast each iteration, so parameters and buffers agree bit for bit."""
+    world, out = launch
+    assert float(np.load(out / "batchnorm.npz")["spread"]) == 0.0
+
+
 def test_failing_rank_aborts_launch():
     start = time.monotonic()
     proc = mpirun(2, HERE / "mpi" / "fail.py", timeout=60)

@@ -21,10 +21,11 @@ ITERATIONS = 5
 CONSTANTS = dict(radius=0.1, max_radius=1.0, eta1=0.9, eta2=0.95)
 
 
-def problem(seed=0, samples=240, rank=0, vary_data=False):
+def problem(seed=0, samples=240, rank=0, vary_data=False, batchnorm=False):
     """A float64 MLP and a fixed data set (different per rank when ``vary_data``)."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 8),
+    norm = [torch.nn.BatchNorm1d(12)] if batchnorm else []
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), *norm, torch.nn.Tanh(), torch.nn.Linear(12, 8),
                                 torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
     g = torch.Generator().manual_seed(1000 + (rank if vary_data else 0))
     x = torch.randn(samples, 16, generator=g, dtype=torch.float64)
@@ -48,16 +49,17 @@ def cases(world):
     return out
 
 
-def run_case(kwargs, subdomains, comm=None, vary_data=False):
+def run_case(kwargs, subdomains, comm=None, vary_data=False, batchnorm=False):
     rank = 0 if comm is None else comm.Get_rank()
-    model, x, y = problem(rank=rank, vary_data=vary_data)
+    model, x, y = problem(rank=rank, vary_data=vary_data, batchnorm=batchnorm)
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
                subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3, **CONSTANTS, **kwargs)
     accepted = []  # per iteration: APTS step accepted, global-pass steps accepted
     for _ in range(ITERATIONS):
         opt.step(x, y)
         accepted.append((opt.report.accepted, opt.report.global_accepted))
-    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    state = list(model.parameters()) + list(model.buffers())
+    flat = torch.cat([t.detach().reshape(-1).double() for t in state])
     return flat.numpy().copy(), np.array(accepted)
 
 
@@ -68,10 +70,12 @@ def main(out_dir, only=""):
     todo = cases(world)
     if world == 4:
         todo["different-data"] = (4, {})
+        todo["batchnorm"] = (4, {})
     for name, (subdomains, kwargs) in todo.items():
         if only and only not in name:
             continue
-        flat, accepted = run_case(kwargs, subdomains, comm, vary_data=name == "different-data")
+        flat, accepted = run_case(kwargs, subdomains, comm, vary_data=name == "different-data",
+                                  batchnorm=name == "batchnorm")
         gathered = comm.gather(flat, root=0)
         if comm.Get_rank() == 0:
             spread = max(float(np.abs(f - gathered[0]).max()) for f in gathered)
