@@ -184,6 +184,9 @@ class APTS:
         self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
         self.report = IterationReport()
         self.iteration = 0
+        # savings in the local phase, switchable for the benchmark's ablation (leave them on):
+        # no weight gradients for tensors outside the subdomain; a frozen Sequential prefix run once
+        self.freeze_others = self.cache_prefix = True
 
     # -- evaluations ------------------------------------------------------------------------------
     def _share(self, n_samples, rank, size):
@@ -254,11 +257,11 @@ class APTS:
         sub = core.subdomain
         a, b = self.offsets[d], self.offsets[d + 1]
         mine = {id(sub.params[q.index]) for q in sub.pieces}
-        frozen = [p for p in self.whole.params if id(p) not in mine]
+        frozen = [p for p in self.whole.params if id(p) not in mine] if self.freeze_others else []
         for p in frozen:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
-            B, k = len(targets), self._frozen_prefix(mine)
+            B, k = len(targets), self._frozen_prefix(mine) if self.cache_prefix else 0
             share = self._share(B, self.group.rank, self.group.size)
             x, y = inputs[share], targets[share]
             net = self.model[k:] if k else self.model

@@ -88,6 +88,33 @@ def bench_apts(args):
                     global_=med["global_"], bytes=med["bytes"], bookkeeping=med["other"])
 
 
+def ablation(args):
+    """Seconds per serial-emulation iteration with each local-phase saving switched off in turn,
+    and a torch.profiler table of one iteration (where the time goes)."""
+    x, y, source = minibatch(args.data)
+    results = {}
+    for name, freeze, cache in (("both savings", True, True), ("no prefix cache", True, False),
+                                ("no freezing, no prefix cache", False, False)):
+        model = _model()
+        opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=args.subdomains)
+        opt.freeze_others, opt.cache_prefix = freeze, cache
+        times = []
+        for k in range(args.warmup + args.iterations):
+            t = time.perf_counter()
+            opt.step(x, y)
+            times.append(time.perf_counter() - t)
+        results[name] = dict(seconds=statistics.median(times[args.warmup:]),
+                             local=opt.report.seconds_local)
+    from torch.profiler import ProfilerActivity, profile
+    opt = APTS(_model(), torch.nn.functional.cross_entropy, subdomains=args.subdomains)
+    opt.step(x, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step(x, y)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return dict(kind="ablation", label=f"APTS serial N={args.subdomains}", data=source,
+                results=results, profile=table)
+
+
 def bench_allreduce(args):
     """Raw Allreduce bandwidth for an n-float32 buffer, n = the network's parameter count."""
     from mpi4py import MPI
@@ -162,6 +189,10 @@ def summary(paths, json_out=None):
               "|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['allreduce_seconds']:.4f} | {r['allreduce_gbps']:.2f} | "
               f"{r['allgatherv_seconds']:.4f} | {r['allgatherv_gbps']:.2f} |" for r in raw.values()]
+    for r in (r for r in rows if r["kind"] == "ablation"):
+        lines += ["", f"| {r['label']}: local-phase savings | s/iter | local s |", "|---|---|---|"]
+        lines += [f"| {name} | {v['seconds']:.3f} | {v['local']:.3f} |" for name, v in r["results"].items()]
+        lines += ["", "```", r["profile"].rstrip(), "```"]
     by = {r["label"]: r for r in apts}
     targets = []
     for n in (2, 4):
@@ -204,7 +235,7 @@ def time_to_accuracy(run_dirs, target, json_out=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m apts_mpi.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("apts", "allreduce", "baseline", "summary", "tta"))
+    p.add_argument("what", choices=("apts", "allreduce", "baseline", "ablation", "summary", "tta"))
     p.add_argument("paths", nargs="*", help="summary: the JSON-lines files; tta: run folders")
     p.add_argument("--target", type=float, default=0.97, help="tta: the test accuracy to reach")
     p.add_argument("--out", help="append the result to this JSON-lines file")
@@ -224,7 +255,8 @@ def main(argv=None):
     if args.what == "tta":
         print(time_to_accuracy(args.paths, args.target, args.json))
         return
-    result = {"apts": bench_apts, "allreduce": bench_allreduce, "baseline": bench_baseline}[args.what](args)
+    result = {"apts": bench_apts, "allreduce": bench_allreduce, "baseline": bench_baseline,
+              "ablation": ablation}[args.what](args)
     if result is not None:
         print(json.dumps(result))
         if args.out:
