@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .comm import Comm
+from .comm import BufferSync, Comm
 from .decomposition import STRATEGIES, Subdomain, decompose
 from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
 
@@ -171,16 +171,7 @@ class APTS:
         self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
         self.foc_term = torch.zeros(n, **kw) if self.foc else None
         self.foc_work = torch.empty(n, **kw) if self.foc else None
-        # running statistics (batch normalisation) change with every forward pass, differently on
-        # every rank
-        # (counters too): the coordinator's are broadcast at the end of each iteration, one flat
-        # buffer per dtype
-        by_dtype = {}
-        for b in model.buffers() if world > 1 else []:
-            by_dtype.setdefault(b.dtype, []).append(b)
-        self.buffers = [(Subdomain.whole(group), torch.empty(sum(b.numel() for b in group),
-                                                             dtype=dtype, device=group[0].device))
-                        for dtype, group in by_dtype.items()]
+        self.sync_buffers = BufferSync(model, self.comm)  # batch-norm statistics
         self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
         self.report = IterationReport()
         self.iteration = 0
@@ -369,9 +360,7 @@ class APTS:
             self.radius = glob.radius
         t_global = time.perf_counter() - t0
 
-        for buffers, flat in self.buffers:
-            self.comm.bcast_(buffers.gather(flat))
-            buffers.scatter(flat)
+        self.sync_buffers()
 
         r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
         r.accepted, r.radius = accept, self.radius

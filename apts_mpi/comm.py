@@ -141,3 +141,26 @@ class Comm:
             self.comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
             self.seconds += time.perf_counter() - start
         return array.tolist()
+
+
+class BufferSync:
+    """Broadcast a model's buffers (batch-norm running statistics and counters) from rank 0.
+
+    They change with every forward pass, differently on every rank; calling this once per iteration
+    keeps every rank's model identical.  One flat, preallocated buffer per dtype.
+    """
+
+    def __init__(self, model: torch.nn.Module, comm: Comm):
+        from .decomposition import Subdomain
+        self.comm = comm
+        by_dtype = {}
+        for b in model.buffers() if comm.size > 1 else []:
+            by_dtype.setdefault(b.dtype, []).append(b)
+        self.groups = [(Subdomain.whole(group), torch.empty(sum(b.numel() for b in group), dtype=dtype,
+                                                            device=group[0].device))
+                       for dtype, group in by_dtype.items()]
+
+    def __call__(self):
+        for buffers, flat in self.groups:
+            self.comm.bcast_(buffers.gather(flat))
+            buffers.scatter(flat)

@@ -81,9 +81,9 @@ class Subdomain:
         return out
 
     @torch.no_grad()
-    def scatter(self, vec: torch.Tensor) -> None:
-        """theta[I_d] <- vec, exactly (bitwise)."""
-        for (a, b), v in zip(self._spans(), self._views(False)):
+    def scatter(self, vec: torch.Tensor, grad: bool = False) -> None:
+        """theta[I_d] <- vec (or its gradient), exactly (bitwise)."""
+        for (a, b), v in zip(self._spans(), self._views(grad)):
             v.copy_(vec[a:b])
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, config as configuration
 from .apts import APTS
-from .comm import Comm, select_device
+from .comm import BufferSync, Comm, select_device
 from .data import MinibatchSampler, load_dataset
 from .decomposition import Subdomain
 from .models import build_model
@@ -44,6 +44,7 @@ class DataParallel:
 
     def __init__(self, model, loss_fn, optimizer, comm: Comm):
         self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
+        self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
         self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
         self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
         self.evals = self.last_evals = 0
@@ -63,9 +64,7 @@ class DataParallel:
             self.buffer[n] = loss.detach()
             self.comm.allreduce_(self.buffer)
             self.buffer.div_(B)
-            with torch.no_grad():
-                for (a, b), p in zip(self.whole._spans(), self.whole.params):
-                    p.grad.view(-1).copy_(self.buffer[a:b])
+            self.whole.scatter(self.buffer[:n], grad=True)
             self.evals += 1
             return self.buffer[n].clone()
         return closure
@@ -75,6 +74,14 @@ class DataParallel:
         counters = getattr(self.optimizer, "counters", None)
         accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
         loss = self.optimizer.step(self.closure(inputs, targets))
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            # torch's L-BFGS keeps its curvature pairs across minibatches; when the strong-Wolfe
+            # search finds no step (t = 0) no pair is added, the stale direction stays an ascent
+            # direction for every later batch and the run stalls for good: restart the memory
+            state = self.optimizer.state[self.optimizer._params[0]]
+            if float(state.get("t", 1.0)) == 0.0:
+                state.clear()
+        self.sync_buffers()
         self.last_evals = self.evals - before
         if counters:
             self.last_accepted = int(self.optimizer.counters.accepted > accepted)
