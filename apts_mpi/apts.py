@@ -358,9 +358,8 @@ class APTS:
             loss = glob.run(evaluate, self.global_iters, loss=loss,
                             decide=self._broadcast_decision(glob._decide))
             self.radius = glob.radius
-        t_global = time.perf_counter() - t0
-
         self.sync_buffers()
+        t_global = time.perf_counter() - t0
 
         r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
         r.accepted, r.radius = accept, self.radius
