@@ -206,8 +206,11 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         (optimizer if isinstance(optimizer, APTS) else optimizer.optimizer).load_state_dict(_loads(state))
         sampler.load_state_dict(payload["sampler"])
         torch.set_rng_state(payload["rng"]["torch"])
-        iterations = {k: list(v) for k, v in payload["iterations"].items()}
-        epochs = {k: list(v) for k, v in payload["epochs"].items()}
+        # series added since the checkpoint was written start as zeros
+        saved_iterations, saved_epochs = payload["iterations"], payload["epochs"]
+        iterations = {k: list(saved_iterations.get(k, [0.0] * len(saved_iterations["loss"])))
+                      for k in iterations}
+        epochs = {k: list(saved_epochs.get(k, [0.0] * len(saved_epochs["epoch"]))) for k in epochs}
         start_epoch, elapsed = int(payload["epoch"]), float(payload["seconds"])
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=False)  # existence checked by the caller; race = error
