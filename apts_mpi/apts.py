@@ -106,7 +106,7 @@ class APTS:
                  eta1=0.25, eta2=0.75, decrease=0.5, increase=2.0, norm="inf", step="cauchy",
                  subdomains=None, decomposition="balanced", local_iters=5, local_fraction=1.0,
                  local_model="first-order", memory=5, acceptance="ratio", window=5, global_iters=1,
-                 global_model="first-order", foc=False, seed=0, replicas=1):
+                 global_model="first-order", foc=False, seed=0, replicas=1, micro_batch=None):
         self.model, self.loss_fn = model, loss_fn
         self.comm = Comm(comm)
         world = self.comm.size
@@ -134,6 +134,7 @@ class APTS:
         if decomposition not in STRATEGIES:
             raise ValueError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {decomposition!r}")
         self.acceptance, self.foc = acceptance, bool(foc)
+        self.micro_batch = None if micro_batch is None else _positive_int("micro_batch", micro_batch)
 
         base = dict(radius=radius, max_radius=max_radius, min_radius=min_radius, eta1=eta1,
                     eta2=eta2, decrease=decrease, increase=increase, memory=memory, norm=norm,
@@ -197,14 +198,15 @@ class APTS:
         grad = grad_out is not None
         if grad:
             self.model.zero_grad(set_to_none=False)
-        if len(targets):
+        loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
+        chunk = self.micro_batch or max(len(targets), 1)
+        for start in range(0, len(targets), chunk):  # gradients accumulate over the chunks
+            x, y = inputs[start:start + chunk], targets[start:start + chunk]
             with torch.set_grad_enabled(grad):
-                loss = self.loss_fn((net or self.model)(inputs), targets) * len(targets)
+                part = self.loss_fn((net or self.model)(x), y) * len(y)
                 if grad:
-                    loss.backward()
-            loss = loss.detach()
-        else:
-            loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
+                    part.backward()
+            loss += part.detach()
         if not grad:
             return comm.sum_scalars([float(loss)])[0] / B
         m = subdomain.numel

@@ -91,7 +91,8 @@ OPTIMIZER_KEYS = {
              "local_fraction": (1.0, _number, None), "local_model": ("first-order", str, None),
              "acceptance": ("ratio", str, None), "window": (5, int, None),
              "global_iters": (1, int, None), "global_model": ("first-order", str, None),
-             "foc": (False, bool, None), "replicas": (1, int, None)},
+             "foc": (False, bool, None), "replicas": (1, int, None),
+             "micro_batch": (None, (int, type(None)), None)},
     "tr": {**_tr_keys, "model": ("first-order", str, None), "max_iters": (1, int, None)},
     "sgd": {"lr": (0.01, _number, _positive), "momentum": (0.9, _number, _nonneg),
             "weight_decay": (0.0, _number, _nonneg)},
@@ -184,6 +185,8 @@ def _check_constants(opt):
                              ("global_model", ("first-order", "lsr1", "lbfgs"))):
             if opt[key] not in allowed:
                 raise ConfigError(f"optimizer.{key}: must be one of {', '.join(allowed)}, got {opt[key]!r}")
+        if opt["micro_batch"] is not None and opt["micro_batch"] < 1:
+            raise ConfigError(f"optimizer.micro_batch: must be >= 1, got {opt['micro_batch']!r}")
         if opt["subdomains"] is not None and opt["subdomains"] < 1:
             raise ConfigError(f"optimizer.subdomains: must be >= 1, got {opt['subdomains']!r}")
 

@@ -149,3 +149,16 @@ def test_state_dict_round_trip_continues_identically():
     for _ in range(3):
         opt2.step(x, y)
     assert torch.equal(flat(model2), flat(model))
+
+
+def test_micro_batches_give_the_same_iterates():
+    model, x, y = problem()
+    chunked, _, _ = problem()
+    a = APTS(model, torch.nn.functional.cross_entropy, subdomains=2, radius=0.05)
+    b = APTS(chunked, torch.nn.functional.cross_entropy, subdomains=2, radius=0.05, micro_batch=7)
+    for _ in range(4):
+        a.step(x, y)
+        b.step(x, y)
+        assert a.report.accepted == b.report.accepted
+        assert b.report.loss == pytest.approx(a.report.loss, rel=1e-13)
+    torch.testing.assert_close(flat(chunked), flat(model), rtol=1e-12, atol=1e-14)
