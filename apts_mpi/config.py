@@ -240,7 +240,15 @@ RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "stall_ite
 
 
 def digest(config: dict) -> str:
-    """A short hash of a resolved config, to tie checkpoints to the trajectory that wrote them."""
+    """A short hash of a resolved config, to tie checkpoints to the trajectory that wrote them.
+
+    Keys whose value is null are left out, so that a key added later with a null default keeps
+    older checkpoints resumable.
+    """
+    def prune(node):
+        if isinstance(node, dict):
+            return {k: prune(v) for k, v in node.items() if v is not None}
+        return node
     trajectory = {k: v for k, v in config.items() if k not in RESUMABLE}
     trajectory["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
-    return hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(prune(trajectory), sort_keys=True).encode()).hexdigest()[:16]
