@@ -84,15 +84,12 @@ def _prepare(args, comm):
     return cfg, out
 
 
-def _cmd_train(args):
-    from mpi4py import MPI
-    from .train import Experiment, TrainingStopped, train
-
-    comm = MPI.COMM_WORLD
-    error, cfg, out, experiment = None, None, None, None
+def _agreed(comm, step):
+    """Run ``step`` on every rank; if it fails on any, every rank learns the first error and exits 2
+    (rank 0 prints it).  Called by all ranks together, between collectives."""
+    result, error = None, None
     try:
-        cfg, out = _prepare(args, comm)
-        experiment = Experiment(cfg, comm)  # data, model, optimiser: bad input fails here
+        result = step()
     except USER_ERRORS as e:
         error = str(e)
     errors = comm.allgather(error)
@@ -100,6 +97,17 @@ def _cmd_train(args):
     if first is not None:
         rank = errors.index(first)
         _fail(first if rank == 0 else f"rank {rank}: {first}", comm)
+    return result
+
+
+def _cmd_train(args):
+    from mpi4py import MPI
+    from .train import Experiment, TrainingStopped, train
+
+    comm = MPI.COMM_WORLD
+    cfg, out = _agreed(comm, lambda: _prepare(args, comm))
+    experiment = _agreed(comm, lambda: Experiment(cfg, comm))  # device, data, model
+    _agreed(comm, experiment.build)  # the optimiser (APTS splits communicators: all ranks here)
     if comm.Get_rank() == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.Get_size(), out)

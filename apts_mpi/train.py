@@ -160,7 +160,12 @@ def _loads(data: bytes):
 
 
 class Experiment:
-    """Everything a run needs, built (and so validated) before any file is written."""
+    """Everything a run needs, built (and so validated) before any file is written.
+
+    Two steps, so that a caller can agree across ranks between them: the constructor (device, data,
+    model; a per-rank failure such as a missing file happens here, after the last collective) and
+    :meth:`build` (the optimiser; APTS splits communicators, a collective every rank must reach).
+    """
 
     def __init__(self, cfg: dict, comm=None):
         from mpi4py import MPI
@@ -175,9 +180,14 @@ class Experiment:
         torch.manual_seed(cfg["seed"])
         model = build_model(cfg["model"]["name"], data.input_shape, data.classes, cfg["model"]["head"])
         self.model = model.to(self.device, dtype)
+        self.optimizer = None
+
+    def build(self):
+        cfg = self.cfg
         self.optimizer = build_optimizer(cfg, self.model, torch.nn.functional.cross_entropy, self.comm)
         self.sampler = MinibatchSampler(len(self.train_y), cfg["data"]["batch_size"],
                                         cfg["data"]["overlap"], cfg["seed"])
+        return self
 
 
 def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None):
@@ -187,6 +197,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     file is written (build ``Experiment`` first to separate the checks from the run).
     """
     ex = experiment or Experiment(cfg, comm)
+    if ex.optimizer is None:
+        ex.build()
     comm, world = ex.comm, Comm(ex.comm)
     rank, out_dir = world.rank, Path(out_dir)
     device, model, optimizer, sampler = ex.device, ex.model, ex.optimizer, ex.sampler

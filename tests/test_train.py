@@ -46,7 +46,7 @@ def test_nonfinite_trials_are_counted_and_reported(tmp_path, monkeypatch):
     """A NaN injected into every third trial loss (TR evaluates twice per step: the point, then the
     trial): each one is a rejection, counted per epoch and shown in the report."""
     c = cfg(**{"optimizer.method": "tr", "epochs": 4})
-    ex = Experiment(c, MPI.COMM_SELF)
+    ex = Experiment(c, MPI.COMM_SELF).build()
     calls = {"n": 0}
     closure_of = ex.optimizer.closure
 
