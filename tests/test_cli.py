@@ -559,3 +559,36 @@ def test_same_config_and_seed_give_identical_runs(twin_runs):
     for key, result in results.items():
         assert_ok(result, f"run '{key}'")
     assert_same_trajectory(tmp / "one", tmp / "two")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a failure on one rank only
+
+def _tiny_mnist(root):
+    """A valid two-image MNIST in the standard layout."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            bytes.fromhex("00000803 00000002 0000001c 0000001c") + bytes(range(256)) * 6 + bytes(32))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(bytes.fromhex("00000801 00000002 0307"))
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_one_message(tmp_path):
+    """Rank 1 finds no data while rank 0 does (APTS_DATA differs per rank): with replicas=2 the
+    next step would be a collective communicator split, which rank 1 would never reach; instead
+    every rank learns the error, rank 0 prints it, all exit 2."""
+    if MPIEXEC is None:
+        pytest.fail("mpiexec not found")
+    _tiny_mnist(tmp_path / "good")
+    args = ["-m", "mpi4py", "-m", "apts_mpi", "train", str(CONFIG), "--set", "data.dataset=mnist",
+            "--set", "model.name=mnist-fc-small", "--set", "optimizer.replicas=2",
+            "--out", str(tmp_path / "out")]
+    cmd = [MPIEXEC, "-n", "1", "env", f"APTS_DATA={tmp_path / 'good'}", PYTHON, *args, ":",
+           "-n", "1", "env", f"APTS_DATA={tmp_path / 'missing'}", PYTHON, *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+    assert time.monotonic() - start < 60
+    assert_one_error_line(result, "rank 1:", "missing")
+    assert not (tmp_path / "out").exists()
