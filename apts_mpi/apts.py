@@ -272,7 +272,7 @@ class APTS:
 
             foc, self.foc = self.foc, False  # the first evaluation is f_d(0), without the FOC term
             try:
-                loss0 = float(core._count(evaluate, core.grad))
+                loss0 = float(core.counted_evaluation(evaluate, core.grad))
             finally:
                 self.foc = foc
             self.grad0[a:b].copy_(core.grad)
@@ -358,7 +358,7 @@ class APTS:
             glob.radius = self.radius
             evaluate = lambda out: self._shared_evaluate(inputs, targets, comm, self.whole, out)
             loss = glob.run(evaluate, self.global_iters, loss=loss,
-                            decide=self._broadcast_decision(glob._decide))
+                            decide=self._broadcast_decision(glob.ratio_decision))
             self.radius = glob.radius
         self.sync_buffers()
         t_global = time.perf_counter() - t0

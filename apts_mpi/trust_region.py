@@ -122,7 +122,8 @@ class TrustRegionCore:
     gradient restricted to the subdomain into ``grad_out``; it may reduce over ranks.  The loss may be
     a 0-dim tensor (it is read together with the trial gradient's norm, in one transfer).  ``decide``
     (optional) replaces the local accept/radius decision, e.g. by one computed on a coordinator rank
-    and broadcast: ``decide(actual, pred, finite) -> (accept, rho, new_radius)``.
+    and broadcast: ``decide(actual, pred, finite) -> (accept, rho, new_radius)``, by default
+    :meth:`ratio_decision`.
     """
 
     def __init__(self, subdomain: Subdomain, config: TrustRegionConfig):
@@ -152,7 +153,8 @@ class TrustRegionCore:
             self.qn.load_state_dict(state["qn"])
 
     # -- the iteration ----------------------------------------------------------------------------
-    def _count(self, evaluate, grad_out) -> float:
+    def counted_evaluation(self, evaluate, grad_out):
+        """``evaluate(grad_out)``, counted as one loss and one gradient evaluation."""
         loss = evaluate(grad_out)
         self.counters.loss_evals += 1
         self.counters.grad_evals += 1
@@ -187,7 +189,8 @@ class TrustRegionCore:
             return self.qn.model_decrease(self.grad, s)
         return -float(self.grad.dot(s))
 
-    def _decide(self, actual: float, pred: float, finite: bool):
+    def ratio_decision(self, actual: float, pred: float, finite: bool):
+        """The classical rule: (accept iff finite and rho >= eta1, rho, the updated radius)."""
         rho = actual / pred if finite else float("-inf")
         accept = finite and rho >= self.config.eta1
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
@@ -203,12 +206,12 @@ class TrustRegionCore:
         when ||g||_inf <= ``gtol`` or no step can decrease the model.
         """
         if loss is None:
-            loss = float(self._count(evaluate, self.grad))
+            loss = float(self.counted_evaluation(evaluate, self.grad))
         if box is not None:
             if self.offset is None:
                 self.offset = torch.zeros_like(self.grad)
             self.offset.zero_()
-        decide = decide or self._decide
+        decide = decide or self.ratio_decision
         for _ in range(iters):
             radius = self.radius if box is None else min(self.radius, box)
             pred = self._propose(radius, gtol)
@@ -218,8 +221,8 @@ class TrustRegionCore:
                 break  # stationary (or a model that cannot decrease): nothing to try
             self.subdomain.gather(self.saved)
             self.subdomain.add_(self.step)
-            trial = torch.as_tensor(self._count(evaluate, self.trial_grad), dtype=self.step.dtype,
-                                    device=self.step.device).reshape(())
+            trial = torch.as_tensor(self.counted_evaluation(evaluate, self.trial_grad),
+                                    dtype=self.step.dtype, device=self.step.device).reshape(())
             trial, g_max = torch.stack([trial, torch.linalg.vector_norm(self.trial_grad, math.inf)]).tolist()
             finite = math.isfinite(trial) and math.isfinite(g_max)
             self.counters.nonfinite += not finite
