@@ -92,11 +92,11 @@ class Comm:
         host.copy_(tensor.view(-1))
         return host.numpy(), host
 
-    def _timed(self, fn, tensor, *args):
+    def _timed(self, fn, tensor):
         self._wait()
         start = time.perf_counter()
         buf, host = self._buffer(tensor)
-        fn(buf, *args)
+        fn(buf)
         if host is not None:
             tensor.view(-1).copy_(host)
         self.seconds += time.perf_counter() - start
@@ -122,25 +122,22 @@ class Comm:
             return tensor
         return self._timed(lambda buf: self.comm.Bcast(buf, root=root), tensor)
 
-    def bcast(self, values, root: int = 0) -> list[float]:
-        """Broadcast a few float64 scalars from ``root`` (the coordinator's decisions)."""
+    def _scalars(self, fn, values) -> list[float]:
         array = np.asarray(values, dtype=np.float64)
         if self.size > 1:
             self._wait()
             start = time.perf_counter()
-            self.comm.Bcast(array, root=root)
+            fn(array)
             self.seconds += time.perf_counter() - start
         return array.tolist()
 
+    def bcast(self, values, root: int = 0) -> list[float]:
+        """Broadcast a few float64 scalars from ``root`` (the coordinator's decisions)."""
+        return self._scalars(lambda a: self.comm.Bcast(a, root=root), values)
+
     def sum_scalars(self, values) -> list[float]:
         """Element-wise sum over ranks of a few float64 scalars."""
-        array = np.asarray(values, dtype=np.float64)
-        if self.size > 1:
-            self._wait()
-            start = time.perf_counter()
-            self.comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
-            self.seconds += time.perf_counter() - start
-        return array.tolist()
+        return self._scalars(lambda a: self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), values)
 
 
 class BufferSync:
