@@ -261,26 +261,24 @@ class APTS:
             if k:
                 x = self.model[:k](x)  # under no_grad (step): constant for this phase
 
-            def evaluate(grad_out):
-                loss = self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
+            def f_d(grad_out):
+                return self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
                                              presliced=True, B=B)
-                if self.foc:  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
-                    u = sub.gather(self.foc_work[:b - a]).sub_(saved[a:b])
-                    loss = loss + self.foc_term[a:b].dot(u)
-                    grad_out.add_(self.foc_term[a:b])
-                return loss
 
-            foc, self.foc = self.foc, False  # the first evaluation is f_d(0), without the FOC term
-            try:
-                loss0 = float(core.counted_evaluation(evaluate, core.grad))
-            finally:
-                self.foc = foc
+            def with_foc(grad_out):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
+                loss = f_d(grad_out)
+                u = sub.gather(self.foc_work[:b - a]).sub_(saved[a:b])
+                grad_out.add_(self.foc_term[a:b])
+                return loss + self.foc_term[a:b].dot(u)
+
+            loss0 = float(core.counted_evaluation(f_d, core.grad))  # f_d(0): the FOC term is 0 there
             self.grad0[a:b].copy_(core.grad)
             if self.foc:
                 self.foc_term[a:b].sub_(core.grad)
                 core.grad.add_(self.foc_term[a:b])
             core.radius = self.local_fraction * self.radius
-            loss = core.run(evaluate, self.local_iters, loss=loss0, box=self.local_fraction * self.radius)
+            loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
+                            box=self.local_fraction * self.radius)
             self.correction[a:b].copy_(core.offset)
             sub.scatter(saved[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
