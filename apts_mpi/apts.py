@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .comm import BufferSync, Comm
+from .optimizers import Optimizer
 from .decomposition import STRATEGIES, Subdomain, decompose
 from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
 
@@ -83,7 +84,7 @@ def _positive_int(name, value, minimum=1):
     return value
 
 
-class APTS:
+class APTS(Optimizer):
     """Additively Preconditioned Trust-region Strategy across the ranks of ``comm``.
 
     ``APTS(model, loss_fn, comm, **keywords)``; ``step(inputs, targets) -> loss`` runs one iteration
@@ -390,3 +391,12 @@ class APTS:
         self.global_core.load_state_dict(state["global"])
         for d, c in self.local.items():
             c.load_state_dict(state["local"][str(d)])
+
+    def record(self) -> dict:  # PROVISIONAL (integration): the iteration as the loop's series
+        r = self.report
+        return dict(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
+                    accepted=int(r.accepted), nonfinite=int(not math.isfinite(r.trial_loss)),
+                    step_inf=r.step_inf, loss_evals=r.local_loss_evals_total + r.global_loss_evals,
+                    grad_evals=r.local_grad_evals_total + r.global_grad_evals,
+                    seconds_local=r.seconds_local, seconds_comm=r.seconds_comm,
+                    seconds_global=r.seconds_global)

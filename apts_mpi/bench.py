@@ -147,7 +147,7 @@ def bench_allreduce(args):
 
 
 def bench_baseline(args):
-    from .train import build_optimizer
+    from .optimizers import build_optimizer
     comm = _world()
     x, y, source = minibatch(args.data)
     model = _model()
@@ -164,7 +164,7 @@ def bench_baseline(args):
     if comm.Get_rank() == 0:
         return dict(kind="baseline", label=f"{args.method} ({comm.Get_size()} rank data-parallel)",
                     ranks=comm.Get_size(), data=source, seconds=statistics.median(times[args.warmup:]),
-                    evals_per_iteration=opt.last_evals)
+                    evals_per_iteration=opt.record()["grad_evals"])
 
 
 def summary(paths, json_out=None):

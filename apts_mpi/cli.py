@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 
 from . import config as configuration
-from .data import DataError
+from .errors import InputError
 from .results import CHECKPOINT_FILE, ResultsError, load_checkpoint, plot_runs, report_table
 
-USER_ERRORS = (configuration.ConfigError, DataError, ResultsError, ValueError, OSError)
+# the project's own input errors (config, data, options, checkpoint, world size, device, output
+# folder): one line and exit 2; anything else is a fault of the program and keeps its traceback
+USER_ERRORS = (InputError, ResultsError)
 log = logging.getLogger("apts_mpi")
 
 
@@ -41,7 +43,7 @@ def _fail(message, comm=None, status=2, what="error"):
 def _check_slurm(world_size):
     ntasks = os.environ.get("SLURM_NTASKS")
     if ntasks is not None and ntasks.isdigit() and int(ntasks) != world_size:
-        raise ValueError(f"the MPI world has {world_size} rank(s) but SLURM_NTASKS={ntasks}: the "
+        raise InputError(f"the MPI world has {world_size} rank(s) but SLURM_NTASKS={ntasks}: the "
                          "launcher started separate one-rank jobs (use srun with an MPI-enabled "
                          "mpi4py, or mpirun)")
 
@@ -55,32 +57,32 @@ def _prepare(args, comm):
     if opt["method"] == "apts":
         replicas = opt["replicas"]
         if comm.Get_size() % replicas:
-            raise ValueError(f"world size {comm.Get_size()} is not divisible by "
+            raise InputError(f"world size {comm.Get_size()} is not divisible by "
                              f"optimizer.replicas={replicas}")
         if comm.Get_size() > 1 and opt["subdomains"] not in (None, comm.Get_size() // replicas):
-            raise ValueError(f"optimizer.subdomains={opt['subdomains']} needs "
+            raise InputError(f"optimizer.subdomains={opt['subdomains']} needs "
                              f"{opt['subdomains'] * replicas} ranks, the world has {comm.Get_size()}")
     if cfg["device"] == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device")
+            raise InputError("device 'cuda' was asked for, but torch finds no CUDA device")
     if comm.Get_rank() == 0:
         if args.resume:
             if not (out / CHECKPOINT_FILE).exists():
-                raise ValueError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}")
+                raise InputError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}")
             payload, _ = load_checkpoint(out / CHECKPOINT_FILE,
                                          expect={"config_hash": configuration.digest(cfg),
                                                  "world_size": comm.Get_size()})
             if payload["epoch"] > cfg["epochs"]:  # else the run would end at once, silently
-                raise ValueError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
+                raise InputError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
                                  f"past epochs={cfg['epochs']}")
         else:
             if out.exists():
-                raise ValueError(f"output folder {out} exists (pass --resume to continue it, or "
+                raise InputError(f"output folder {out} exists (pass --resume to continue it, or "
                                  "choose another --out)")
             parent = next((p for p in out.absolute().parents if p.exists()), None)
             if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"output folder {out} cannot be created: {parent} is not writable")
+                raise InputError(f"output folder {out} cannot be created: {parent} is not writable")
     return cfg, out
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .errors import InputError
+
 
 def cuda_aware() -> bool:
     """Whether the MPI library accepts CUDA device buffers (``APTS_CUDA_AWARE`` overrides)."""
@@ -43,14 +45,14 @@ def node_local_rank(comm) -> tuple[int, int]:
 def select_device(comm, request: str = "auto") -> torch.device:
     """The device of this rank: ``cpu``, ``cuda`` (GPU = node-local rank mod GPU count) or ``auto``.
 
-    Raises ValueError when CUDA is asked for and there is none.
+    Raises InputError (a ValueError) when CUDA is asked for and there is none.
     """
     if request not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {request!r}")
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda'; got {request!r}")
     if request == "cpu" or (request == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device on this node")
+        raise InputError("device 'cuda' was asked for, but torch finds no CUDA device on this node")
     local_rank, _ = node_local_rank(comm)
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 

@@ -13,9 +13,13 @@ A config has four sections; every key has a default, so a file names only what d
     model:     {name: mlp-digits, head: logits, dtype: float32}
     optimizer: {method: apts, ...keywords of that method...}
 
+``data.dataset`` picks the problem (:mod:`apts_mpi.problems`), which may add ``data.*`` keys of its
+own (e.g. a context length) and names the networks ``model.name`` may take.  ``target`` stops a
+run once the problem's target metric reaches it (test accuracy at least, a validation loss or an
+error at most); ``target_accuracy`` is the same for classification.
 ``optimizer.method`` is one of ``apts``, ``tr``, ``sgd``, ``adam``, ``lbfgs``; the keywords allowed
-next to it are those of :data:`OPTIMIZER_KEYS` for that method (e.g. ``radius`` for apts/tr, ``lr``
-for sgd/adam/lbfgs).  ``--set key.sub=value`` overrides a key (the value is parsed as YAML).
+next to it, their defaults and checks are those of :mod:`apts_mpi.options` for that method (e.g.
+``radius`` for apts/tr, ``lr`` for sgd/adam/lbfgs).  ``--set key.sub=value`` overrides a key (the value is parsed as YAML).
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
 """
 from __future__ import annotations
@@ -28,11 +32,12 @@ import re
 
 import yaml
 
-from .data import DATASETS
-from .models import MODELS
+from . import options
+from .errors import InputError
+from .problems import DATASETS, PROBLEMS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot run; the message names the key."""
 
 
@@ -51,10 +56,9 @@ def _parse(text):
     return yaml.load(text, Loader=_Loader)
 
 
-# key: (default, type(s), check or None, description of the check)
+# key: (default, type(s), (check, description of the check) or None)
 _number = (int, float)
 _positive = (lambda v: v > 0, "> 0")
-_nonneg = (lambda v: v >= 0, ">= 0")
 _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 TOP = {
@@ -63,11 +67,12 @@ TOP = {
     "epochs": (10, int, _positive),
     "checkpoint_every": (1, int, _positive),
     "target_accuracy": (None, (float, int, type(None)), (lambda v: 0 < v <= 1, "in (0, 1]")),
+    "target": (None, (float, int, type(None)), None),
     "stall_iterations": (100, int, _positive),
     "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
 }
 DATA = {
-    "dataset": ("digits", str, (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}")),
+    "dataset": ("digits", str, (lambda v: v in PROBLEMS, f"one of {', '.join(DATASETS)}")),
     "root": (None, (str, type(None)), None),
     "download": (False, bool, None),
     "batch_size": (100000, int, _positive),
@@ -75,32 +80,10 @@ DATA = {
     "test_batch_size": (10000, int, _positive),
 }
 MODEL = {
-    "name": ("mlp-digits", str, (lambda v: v in MODELS, f"one of {', '.join(MODELS)}")),
+    "name": ("mlp-digits", str, None),  # checked against the problem's networks
     "head": ("logits", str, (lambda v: v in ("logits", "sigmoid"), "logits or sigmoid")),
     "dtype": ("float32", str, (lambda v: v in ("float32", "float64"), "float32 or float64")),
 }
-_tr_keys = {
-    "radius": (0.01, _number, _positive), "max_radius": (0.1, _number, _positive),
-    "min_radius": (1e-4, _number, _positive), "eta1": (0.25, _number, None),
-    "eta2": (0.75, _number, None), "decrease": (0.5, _number, None), "increase": (2.0, _number, None),
-    "norm": ("inf", str, None), "step": ("cauchy", str, None), "memory": (5, int, None),
-}
-OPTIMIZER_KEYS = {
-    "apts": {**_tr_keys, "subdomains": (None, (int, type(None)), None),
-             "decomposition": ("balanced", str, None), "local_iters": (5, int, None),
-             "local_fraction": (1.0, _number, None), "local_model": ("first-order", str, None),
-             "acceptance": ("ratio", str, None), "window": (5, int, None),
-             "global_iters": (1, int, None), "global_model": ("first-order", str, None),
-             "foc": (False, bool, None), "replicas": (1, int, None),
-             "micro_batch": (None, (int, type(None)), None)},
-    "tr": {**_tr_keys, "model": ("first-order", str, None), "max_iters": (1, int, None)},
-    "sgd": {"lr": (0.01, _number, _positive), "momentum": (0.9, _number, _nonneg),
-            "weight_decay": (0.0, _number, _nonneg)},
-    "adam": {"lr": (1e-3, _number, _positive), "weight_decay": (0.0, _number, _nonneg)},
-    "lbfgs": {"lr": (1.0, _number, _positive), "history_size": (10, int, _positive),
-              "max_iter": (1, int, _positive)},
-}
-SECTIONS = {"data": DATA, "model": MODEL}
 
 
 def _check(key, value, spec):
@@ -141,54 +124,33 @@ def resolve(raw: dict) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
-    known = set(TOP) | set(SECTIONS) | {"optimizer"}
+    known = set(TOP) | {"data", "model", "optimizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
     config = {k: _check(k, raw[k], spec) if k in raw else spec[0] for k, spec in TOP.items()}
-    for name, schema in SECTIONS.items():
-        config[name] = _fill(name, raw.get(name, {}), schema)
+    data = raw.get("data", {})
+    dataset = data.get("dataset", DATA["dataset"][0]) if isinstance(data, dict) else None
+    problem = PROBLEMS.get(dataset) if isinstance(dataset, str) else None
+    config["data"] = _fill("data", data, {**DATA, **(problem.data_keys if problem else {})})
+    config["model"] = _fill("model", raw.get("model", {}), MODEL)
+    if config["model"]["name"] not in problem.models:
+        raise ConfigError(f"model.name: must be one of {', '.join(problem.models)} for data set "
+                          f"{dataset!r}, got {config['model']['name']!r}")
     opt = raw.get("optimizer")
     if not isinstance(opt, (dict, type(None))):
         raise ConfigError(f"optimizer: expected a mapping, got {opt!r}")
     opt = dict(opt or {})
     method = opt.pop("method", "apts")
-    if not isinstance(method, str) or method not in OPTIMIZER_KEYS:
-        raise ConfigError(f"optimizer.method: must be one of {', '.join(OPTIMIZER_KEYS)}, got {method!r}")
-    config["optimizer"] = {"method": method, **_fill("optimizer", opt, OPTIMIZER_KEYS[method])}
-    _check_constants(config["optimizer"])
-    return config
-
-
-def _check_constants(opt):
-    """Cross-key invariants, checked by the classes that own them, reported with the key's name."""
-    if opt["method"] not in ("apts", "tr"):
-        return
-    from .trust_region import TrustRegionConfig
-    keys = ("radius", "max_radius", "min_radius", "eta1", "eta2", "decrease", "increase", "norm",
-            "step", "memory")
+    if not isinstance(method, str) or method not in options.TRAINABLE:
+        raise ConfigError(f"optimizer.method: must be one of {', '.join(options.TRAINABLE)}, "
+                          f"got {method!r}")
     try:
-        TrustRegionConfig(**{k: opt[k] for k in keys}, model=opt.get("model", "first-order"))
-    except ValueError as e:
-        raise ConfigError(f"optimizer: {e}") from None
-    if opt["method"] == "apts":
-        for key, ok, what in (("local_iters", opt["local_iters"] >= 1, ">= 1"),
-                              ("global_iters", opt["global_iters"] >= 0, ">= 0"),
-                              ("window", opt["window"] >= 1, ">= 1"),
-                              ("replicas", opt["replicas"] >= 1, ">= 1"),
-                              ("local_fraction", 0 < opt["local_fraction"] <= 1, "in (0, 1]")):
-            if not ok:
-                raise ConfigError(f"optimizer.{key}: must be {what}, got {opt[key]!r}")
-        for key, allowed in (("decomposition", ("balanced", "random-tensors", "flat")),
-                             ("acceptance", ("ratio", "none", "nonmonotone")),
-                             ("local_model", ("first-order", "lsr1", "lbfgs")),
-                             ("global_model", ("first-order", "lsr1", "lbfgs"))):
-            if opt[key] not in allowed:
-                raise ConfigError(f"optimizer.{key}: must be one of {', '.join(allowed)}, got {opt[key]!r}")
-        if opt["micro_batch"] is not None and opt["micro_batch"] < 1:
-            raise ConfigError(f"optimizer.micro_batch: must be >= 1, got {opt['micro_batch']!r}")
-        if opt["subdomains"] is not None and opt["subdomains"] < 1:
-            raise ConfigError(f"optimizer.subdomains: must be >= 1, got {opt['subdomains']!r}")
+        config["optimizer"] = {"method": method, **options.resolve(method, opt, prefix="optimizer.",
+                                                                   config_only=True)}
+    except options.OptionError as e:
+        raise ConfigError(str(e)) from None
+    return config
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
@@ -236,7 +198,7 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "stall_iterations")
+RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations")
 
 
 def digest(config: dict) -> str:

@@ -41,6 +41,8 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -120,7 +122,7 @@ _DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file is missing, truncated or malformed, or the data set name is unknown."""
 
 

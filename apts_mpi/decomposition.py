@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
+
 STRATEGIES = ("balanced", "random-tensors", "flat")
 
 
@@ -137,18 +139,19 @@ def decompose(model: torch.nn.Module, n_subdomains: int, strategy: str = "balanc
               seed: int = 0) -> list[Subdomain]:
     """Split the trainable parameters of ``model`` into ``n_subdomains`` disjoint subdomains.
 
-    Raises ValueError for an unknown strategy or more subdomains than the strategy has units.
+    Raises InputError (a ValueError) for an unknown strategy or more subdomains than the strategy
+    has units.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if strategy not in STRATEGIES:
-        raise ValueError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        raise InputError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if not isinstance(n_subdomains, int) or n_subdomains < 1:
-        raise ValueError(f"subdomains must be a positive integer; got {n_subdomains!r}")
+        raise InputError(f"subdomains must be a positive integer; got {n_subdomains!r}")
     n = sum(p.numel() for p in params)
     limit = n if strategy == "flat" else len(params)
     if n_subdomains > limit:
         unit = "parameters" if strategy == "flat" else "parameter tensors"
-        raise ValueError(f"subdomains={n_subdomains} exceeds the {limit} {unit} that decomposition "
+        raise InputError(f"subdomains={n_subdomains} exceeds the {limit} {unit} that decomposition "
                          f"{strategy!r} can split this model into")
     if strategy == "flat":
         bounds = [round(d * n / n_subdomains) for d in range(n_subdomains + 1)]

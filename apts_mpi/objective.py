@@ -53,7 +53,7 @@ class SampleLoss(Objective):
     def __call__(self, model, part):
         x, y = part[0], part[1]
         out = model(x)
-        if y.dim() > 1:  # (samples, tokens) targets: the mean over every token of the part
+        if y.dim() > 1 and out.dim() == y.dim() + 1:  # (samples, tokens) class targets: every token
             return self.loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1)) * len(y)
         return self.loss_fn(out, y) * len(y)
 

@@ -1,15 +1,14 @@
-"""The training loop: one config, any method, any world size, results in a run folder.
+"""The training loop: one config, any method, any problem, any world size, results in a run folder.
 
-Every rank loads the data, builds the model from the seed and draws the same minibatches
-(apts-method.md section 5).  APTS splits the parameters over the ranks; the baselines (``sgd``,
-``adam``, ``lbfgs``, ``tr``) run data-parallel: each rank computes loss and gradient on its share
-of the minibatch and one Allreduce of a flat [gradient | loss] buffer sums them, so every method
-uses the same resources.  Rank 0 writes ``RUN_DIR/metrics.h5`` and ``RUN_DIR/checkpoint.h5`` at every
-epoch end (atomically) and logs one line per epoch.
+Every rank builds the problem (data), the network from the seed and the same minibatches
+(docs/method.md section 5).  The loop sees only two interfaces: the problem
+(:class:`~apts_mpi.problems.base.Problem`: minibatches and per-epoch metrics) and the optimiser
+(:class:`~apts_mpi.optimizers.Optimizer`: ``step``, ``record``, checkpoint state).  Rank 0 writes
+``RUN_DIR/metrics.h5`` and ``RUN_DIR/checkpoint.h5`` at every epoch end (atomically) and logs one
+line per epoch.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -21,150 +20,31 @@ import numpy as np
 import torch
 
 from . import __version__, config as configuration
-from .apts import APTS
-from .comm import BufferSync, Comm, select_device
-from .data import MinibatchSampler, load_dataset
-from .decomposition import Subdomain
-from .models import build_model
+from .comm import Comm, select_device
+from .data import MinibatchSampler
+from .errors import InputError
+from .optimizers import RECORD_FIELDS, build_optimizer
+from .problems import PROBLEMS
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
-from .trust_region import TrustRegion
 
 log = logging.getLogger("apts_mpi")
-ITERATION_SERIES = ("epoch", "loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
-                    "loss_evals", "grad_evals", "seconds", "seconds_local", "seconds_comm",
-                    "seconds_global")
+ITERATION_SERIES = ("epoch", *RECORD_FIELDS, "seconds")
+# per-epoch series of every run; a problem adds its metrics (docs/method.md section 5)
+EPOCH_SERIES = ("epoch", "loss", "seconds", "accepted", "rejected", "nonfinite", "loss_evals",
+                "grad_evals", "radius")
 
 
 class TrainingStopped(RuntimeError):
     """A run that cannot go on (non-finite loss, stalled radius); metrics are written, all ranks raise."""
 
 
-class DataParallel:
-    """A torch optimiser stepped on the ranks' shares of a minibatch, gradients summed by Allreduce."""
-
-    def __init__(self, model, loss_fn, optimizer, comm: Comm):
-        self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
-        self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
-        self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
-        self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
-        self.evals = self.last_evals = 0
-        self.last_accepted = -1  # TrustRegion only: whether the last step was accepted
-        self.last_nonfinite = 0  # TrustRegion only: rejections of a non-finite trial in the last step
-
-    def closure(self, inputs, targets):
-        B = len(targets)
-        share = slice(B * self.comm.rank // self.comm.size, B * (self.comm.rank + 1) // self.comm.size)
-
-        def closure():
-            self.optimizer.zero_grad(set_to_none=False)
-            loss = self.loss_fn(self.model(inputs[share]), targets[share]) * (share.stop - share.start)
-            loss.backward()
-            n = self.whole.numel
-            self.whole.gather(self.buffer[:n], grad=True)
-            self.buffer[n] = loss.detach()
-            self.comm.allreduce_(self.buffer)
-            self.buffer.div_(B)
-            self.whole.scatter(self.buffer[:n], grad=True)
-            self.evals += 1
-            return self.buffer[n].clone()
-        return closure
-
-    def step(self, inputs, targets):
-        before = self.evals
-        counters = getattr(self.optimizer, "counters", None)
-        accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
-        loss = self.optimizer.step(self.closure(inputs, targets))
-        if isinstance(self.optimizer, torch.optim.LBFGS):
-            # torch's L-BFGS keeps its curvature pairs across minibatches; when the strong-Wolfe
-            # search finds no step (t = 0) no pair is added, the stale direction stays an ascent
-            # direction for every later batch and the run stalls for good: restart the memory
-            state = self.optimizer.state[self.optimizer._params[0]]
-            if float(state.get("t", 1.0)) == 0.0:
-                state.clear()
-        self.sync_buffers()
-        self.last_evals = self.evals - before
-        if counters:
-            self.last_accepted = int(self.optimizer.counters.accepted > accepted)
-            self.last_nonfinite = self.optimizer.counters.nonfinite - nonfinite
-        return float(loss)
-
-
-def build_optimizer(cfg: dict, model, loss_fn, comm):
-    """The optimiser of ``cfg['optimizer']`` for ``model``: APTS itself, or a data-parallel wrapper."""
-    opt = dict(cfg["optimizer"])
-    method = opt.pop("method")
-    if method == "apts":
-        return APTS(model, loss_fn, comm, seed=cfg["seed"], **opt)
-    params = model.parameters()
-    if method == "tr":
-        inner = TrustRegion(params, **opt)
-    elif method == "sgd":
-        inner = torch.optim.SGD(params, **opt)
-    elif method == "adam":
-        inner = torch.optim.Adam(params, **opt)
-    else:
-        inner = torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **opt)
-    return DataParallel(model, loss_fn, inner, Comm(comm))
-
-
-def _iteration_record(optimizer, epoch, loss, seconds):
-    """One row of the per-iteration series, with cumulative evaluation counts."""
-    row = dict(epoch=epoch, loss=loss, final_loss=loss, radius=math.nan, rho=math.nan, accepted=-1,
-               nonfinite=0,
-               step_inf=math.nan, seconds=seconds, seconds_local=math.nan, seconds_comm=math.nan,
-               seconds_global=math.nan)
-    if isinstance(optimizer, APTS):
-        r = optimizer.report
-        row.update(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
-                   nonfinite=int(not math.isfinite(r.trial_loss)),
-                   accepted=int(r.accepted), step_inf=r.step_inf, seconds_local=r.seconds_local,
-                   seconds_comm=r.seconds_comm, seconds_global=r.seconds_global,
-                   loss_evals=r.local_loss_evals_total + r.global_loss_evals,
-                   grad_evals=r.local_grad_evals_total + r.global_grad_evals)
-    elif isinstance(optimizer.optimizer, TrustRegion):
-        c = optimizer.optimizer.counters
-        row.update(radius=c.radius, rho=c.rho, accepted=optimizer.last_accepted,
-                   nonfinite=optimizer.last_nonfinite)
-    if not isinstance(optimizer, APTS):
-        row.update(loss_evals=optimizer.last_evals, grad_evals=optimizer.last_evals)
-    return row
-
-
-@torch.no_grad()
-def evaluate(model, x, y, comm: Comm, batch_size: int):
-    """(mean loss, accuracy) over (x, y), each rank taking a share, summed by one Allreduce."""
-    n = len(y)
-    share = slice(n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for start in range(share.start, share.stop, batch_size):
-        stop = min(start + batch_size, share.stop)
-        out = model(x[start:stop])
-        totals[0] += float(torch.nn.functional.cross_entropy(out, y[start:stop], reduction="sum"))
-        totals[1] += float((out.argmax(1) == y[start:stop]).sum())
-    model.train(was_training)
-    loss, correct = comm.sum_scalars(totals.tolist())
-    return loss / n, correct / n
-
-
-def _dumps(state) -> bytes:
-    """An optimiser state (nested dicts, lists, tensors) as bytes, bit for bit."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def _loads(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
 class Experiment:
     """Everything a run needs, built (and so validated) before any file is written.
 
-    Two steps, so that a caller can agree across ranks between them: the constructor (device, data,
-    model; a per-rank failure such as a missing file happens here, after the last collective) and
-    :meth:`build` (the optimiser; APTS splits communicators, a collective every rank must reach).
+    Two steps, so that a caller can agree across ranks between them: the constructor (device, the
+    problem's data, the network; a per-rank failure such as a missing file happens here, after the
+    last collective) and :meth:`build` (the optimiser; APTS splits communicators, a collective
+    every rank must reach).
     """
 
     def __init__(self, cfg: dict, comm=None):
@@ -172,28 +52,38 @@ class Experiment:
         self.cfg, self.comm = cfg, comm if comm is not None else MPI.COMM_WORLD
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.device = select_device(self.comm, cfg["device"])
-        dtype = getattr(torch, cfg["model"]["dtype"])
-        data = load_dataset(cfg["data"]["dataset"], cfg["data"]["root"], cfg["data"]["download"])
-        self.train_x = data.train_x.to(self.device, dtype)
-        self.train_y = data.train_y.to(self.device)
-        self.test_x, self.test_y = data.test_x.to(self.device, dtype), data.test_y.to(self.device)
+        self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
+                                                         getattr(torch, cfg["model"]["dtype"]))
+        metric, self.target_mode = self.problem.target
+        self.target, self.target_metric = cfg["target"], metric
+        if cfg["target_accuracy"] is not None:
+            if metric != "test_accuracy":
+                raise InputError(f"target_accuracy is for classification; data set "
+                                 f"{cfg['data']['dataset']!r} reports {metric}: set target instead")
+            self.target = cfg["target_accuracy"] if self.target is None else self.target
         torch.manual_seed(cfg["seed"])
-        model = build_model(cfg["model"]["name"], data.input_shape, data.classes, cfg["model"]["head"])
-        self.model = model.to(self.device, dtype)
+        self.model = self.problem.build_model()
         self.optimizer = None
 
     def build(self):
         cfg = self.cfg
-        self.optimizer = build_optimizer(cfg, self.model, torch.nn.functional.cross_entropy, self.comm)
-        self.sampler = MinibatchSampler(len(self.train_y), cfg["data"]["batch_size"],
+        self.optimizer = build_optimizer(cfg, self.model, self.problem.objective, self.comm)
+        self.sampler = MinibatchSampler(self.problem.n_train, cfg["data"]["batch_size"],
                                         cfg["data"]["overlap"], cfg["seed"])
         return self
+
+    def reached(self, metrics: dict) -> bool:
+        """Whether the epoch's metrics reach the target (never without one)."""
+        if self.target is None:
+            return False
+        value = metrics[self.target_metric]
+        return value >= self.target if self.target_mode == "max" else value <= self.target
 
 
 def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None):
     """Run the experiment of the resolved config ``cfg``; returns the per-epoch series (all ranks).
 
-    Raises ConfigError / DataError / ResultsError / ValueError for input that cannot run, before any
+    Raises InputError (config, data, options) or ResultsError for input that cannot run, before any
     file is written (build ``Experiment`` first to separate the checks from the run).
     """
     ex = experiment or Experiment(cfg, comm)
@@ -201,21 +91,17 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         ex.build()
     comm, world = ex.comm, Comm(ex.comm)
     rank, out_dir = world.rank, Path(out_dir)
-    device, model, optimizer, sampler = ex.device, ex.model, ex.optimizer, ex.sampler
-    train_x, train_y, test_x, test_y = ex.train_x, ex.train_y, ex.test_x, ex.test_y
+    problem, model, optimizer, sampler = ex.problem, ex.model, ex.optimizer, ex.sampler
 
     meta = {"config_hash": configuration.digest(cfg), "world_size": world.size}
     iterations = {k: [] for k in ITERATION_SERIES}
-    epochs = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
-                              "seconds", "accepted", "rejected", "nonfinite", "loss_evals",
-                              "grad_evals", "radius")}
+    epochs = {k: [] for k in dict.fromkeys(EPOCH_SERIES + tuple(problem.metrics))}
     start_epoch, elapsed = 0, 0.0
     checkpoint = out_dir / CHECKPOINT_FILE
     if resume:
         payload, _ = load_checkpoint(checkpoint, expect=meta)
         model.load_state_dict(payload["model"])
-        state = payload["optimizer"][str(rank)] if isinstance(optimizer, APTS) else payload["optimizer"]
-        (optimizer if isinstance(optimizer, APTS) else optimizer.optimizer).load_state_dict(_loads(state))
+        optimizer.load_checkpoint_state(payload["optimizer"], rank)
         sampler.load_state_dict(payload["sampler"])
         torch.set_rng_state(payload["rng"]["torch"])
         # series added since the checkpoint was written start as zeros
@@ -228,9 +114,9 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         out_dir.mkdir(parents=True, exist_ok=False)  # existence checked by the caller; race = error
 
     attrs = {"method": cfg["optimizer"]["method"], "seed": cfg["seed"], "config": cfg,
-             "world_size": world.size, "device": str(device), "apts_mpi": __version__,
+             "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
-             "subdomains": optimizer.n_subdomains if isinstance(optimizer, APTS) else None}
+             "subdomains": optimizer.n_subdomains}
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
         totals = {k: int(epochs[k][-1]) for k in totals}
@@ -241,13 +127,15 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     min_radius = cfg["optimizer"].get("min_radius")
     for epoch in range(start_epoch, cfg["epochs"]):
         t_epoch = time.perf_counter()
+        epoch_losses = []
         for idx in sampler.epoch_batches(epoch):
-            x, y = train_x[idx.to(device)], train_y[idx.to(device)]
+            batch = problem.batch(idx)
             t0 = time.perf_counter()
-            loss = optimizer.step(x, y)
-            row = _iteration_record(optimizer, epoch + 1, loss, time.perf_counter() - t0)
+            optimizer.step(*batch)
+            row = dict(optimizer.record(), epoch=epoch + 1, seconds=time.perf_counter() - t0)
             for k in ITERATION_SERIES:
                 iterations[k].append(float(row[k]))
+            epoch_losses.append(row["final_loss"])
             totals["accepted"] += row["accepted"] == 1
             totals["rejected"] += row["accepted"] == 0
             totals["nonfinite"] += int(row["nonfinite"])
@@ -266,41 +154,57 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         else:
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
-        train_loss, train_acc = evaluate(model, train_x, train_y, world, cfg["data"]["test_batch_size"])
-        test_loss, test_acc = evaluate(model, test_x, test_y, world, cfg["data"]["test_batch_size"])
+        optimizer.eval_mode()
+        metrics = problem.evaluate(model, world)
+        optimizer.train_mode()
+        if "loss" not in metrics:  # a problem without its own: the mean loss of the epoch's iterates
+            metrics["loss"] = float(np.mean(epoch_losses)) if epoch_losses else math.nan
         loss_evals = float(np.nansum(iterations["loss_evals"]))
         grad_evals = float(np.nansum(iterations["grad_evals"]))
-        radius = optimizer.radius if isinstance(optimizer, APTS) else row["radius"]
-        for k, v in dict(epoch=epoch + 1, loss=train_loss, train_accuracy=train_acc,
-                         test_accuracy=test_acc, test_loss=test_loss, seconds=elapsed,
-                         loss_evals=loss_evals, grad_evals=grad_evals, radius=radius, **totals).items():
+        for k, v in dict(metrics, epoch=epoch + 1, seconds=elapsed, loss_evals=loss_evals,
+                         grad_evals=grad_evals, radius=optimizer.radius, **totals).items():
             epochs[k].append(float(v))
-        target = cfg["target_accuracy"]
-        reached = target is not None and test_acc >= target
+        reached = ex.reached(metrics)
         last = epoch + 1 == cfg["epochs"] or reached
         save = not stopped and ((epoch + 1) % cfg["checkpoint_every"] == 0 or last)
         if save:  # the same on every rank: the gather is collective
-            opt_state = (comm.gather(optimizer.state_dict(), root=0) if isinstance(optimizer, APTS)
-                         else optimizer.optimizer.state_dict())
+            opt_state = optimizer.checkpoint_state(comm)
+        if (last or stopped) and rank == 0:
+            with torch.random.fork_rng(devices=[ex.device] if ex.device.type == "cuda" else []):
+                attrs.update(problem.artifacts(model))  # the run's random state stays untouched
         if rank == 0:
             if stopped or reached:
-                attrs["stopped"] = stopped or f"reached test accuracy {test_acc:.4f} >= {target}"
+                attrs["stopped"] = stopped or (f"reached {_metric_name(ex.target_metric)} "
+                                               f"{metrics[ex.target_metric]:.4f} "
+                                               f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
             if save or stopped:  # a stopped run keeps its last complete checkpoint
                 write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
             if save:
                 payload = {"model": model.state_dict(), "sampler": sampler.state_dict(),
                            "rng": {"torch": torch.get_rng_state()}, "epoch": epoch + 1,
                            "seconds": elapsed, "iterations": iterations, "epochs": epochs,
-                           "optimizer": ({str(r): _dumps(s) for r, s in enumerate(opt_state)}
-                                         if isinstance(optimizer, APTS) else _dumps(opt_state))}
+                           "optimizer": opt_state}
                 save_checkpoint(checkpoint, payload, meta)
-            log.info("epoch %3d  loss %.4f  test acc %6.2f%%  radius %.2e  acc/rej %d/%d  %.1f s",
-                     epoch + 1, train_loss, 100 * test_acc, radius, totals["accepted"],
-                     totals["rejected"], elapsed)
+            log.info("epoch %3d  loss %.4f  %s  radius %.2e  acc/rej %d/%d  %.1f s", epoch + 1,
+                     metrics["loss"], _headline(ex.target_metric, metrics), optimizer.radius,
+                     totals["accepted"], totals["rejected"], elapsed)
         if stopped:
             raise TrainingStopped(stopped)
         if reached:
             if rank == 0:
-                log.info("reached the target test accuracy %.4f at epoch %d", target, epoch + 1)
+                log.info("reached the target %s %.4f at epoch %d", _metric_name(ex.target_metric),
+                         ex.target, epoch + 1)
             break
     return epochs
+
+
+def _metric_name(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
+def _headline(metric: str, metrics: dict) -> str:
+    """The problem's main metric for the log line (accuracies in percent)."""
+    value = metrics[metric]
+    if metric.endswith("accuracy"):
+        return f"{_metric_name(metric).replace('accuracy', 'acc')} {100 * value:6.2f}%"
+    return f"{_metric_name(metric)} {value:.4g}"

@@ -17,7 +17,7 @@ def cfg(**sets):
 def test_nonfinite_initial_loss_stops_with_a_message(tmp_path):
     c = cfg(epochs=3)
     ex = Experiment(c, MPI.COMM_SELF)
-    ex.train_x[0, 0, 0, 0] = math.nan  # a NaN in the data poisons every full-batch loss
+    ex.problem.train_x[0, 0, 0, 0] = math.nan  # a NaN in the data poisons every full-batch loss
     with pytest.raises(TrainingStopped, match="loss at the start of iteration 1 is nan"):
         train(c, tmp_path / "run", MPI.COMM_SELF, experiment=ex)
     _, epochs, attrs = read_metrics(tmp_path / "run" / "metrics.h5")

@@ -1,0 +1,235 @@
+"""One interface for every optimiser the training loop drives, and the data-parallel baselines.
+
+An :class:`Optimizer` takes one minibatch per ``step(batch) -> loss`` (a tuple of tensors, see
+:mod:`apts_mpi.objective`), describes the iteration it just made in :meth:`Optimizer.record` with
+the field names of :data:`RECORD_FIELDS` (NaN or -1 where a method has no such quantity), and
+saves and restores its state for checkpoints.  APTS implements it in :mod:`apts_mpi.apts`; the
+baselines (``sgd``, ``adam``, ``adamw``, ``schedulefree``, ``lbfgs``, ``adam-lbfgs``, ``tr``) are :class:`DataParallel`: each rank evaluates
+its share of the minibatch and one Allreduce of a flat [gradient | loss] buffer sums them, so
+every method uses the same ranks.  :func:`build_optimizer` makes the one a config names.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+
+from . import options
+from .comm import BufferSync, Comm
+from .decomposition import Subdomain
+from .objective import as_objective, batch_size, share
+
+# the per-iteration series every optimiser reports (the loop adds "epoch" and "seconds")
+RECORD_FIELDS = ("loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
+                 "loss_evals", "grad_evals", "seconds_local", "seconds_comm", "seconds_global")
+RECORD_DEFAULTS = dict(radius=math.nan, rho=math.nan, accepted=-1, nonfinite=0, step_inf=math.nan,
+                       seconds_local=math.nan, seconds_comm=math.nan, seconds_global=math.nan)
+
+
+def dumps(state) -> bytes:
+    """An optimiser state (nested dicts, lists, tensors) as bytes, bit for bit."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def loads(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class Optimizer:
+    """The interface: ``step``, ``record``, ``state_dict``/``load_state_dict`` and the two
+    checkpoint hooks below.  ``radius`` is the trust-region radius (NaN without one);
+    ``n_subdomains`` the number of parameter subdomains (None without a decomposition)."""
+
+    n_subdomains = None
+    radius = math.nan
+    state_per_rank = True  # False: every rank holds the same state; rank 0's is saved
+
+    def step(self, *batch) -> float:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def eval_mode(self) -> None:
+        """Before the per-epoch evaluation: put the parameters to evaluate in place (Schedule-Free
+        keeps an average apart from the point where it evaluates gradients)."""
+
+    def train_mode(self) -> None:
+        """After the evaluation: back to the training parameters."""
+
+    def checkpoint_state(self, comm):
+        """What rank 0 stores in a checkpoint (None on the other ranks); collective."""
+        if not self.state_per_rank:
+            return dumps(self.state_dict()) if comm.Get_rank() == 0 else None
+        states = comm.gather(self.state_dict(), root=0)
+        return None if states is None else {str(r): dumps(s) for r, s in enumerate(states)}
+
+    def load_checkpoint_state(self, saved, rank: int) -> None:
+        self.load_state_dict(loads(saved[str(rank)] if self.state_per_rank else saved))
+
+
+def _batch(batch):
+    """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple."""
+    return tuple(batch[0]) if len(batch) == 1 and isinstance(batch[0], (tuple, list)) else batch
+
+
+class DataParallel(Optimizer):
+    """A torch optimiser stepped on the ranks' shares of a minibatch, gradients summed by Allreduce."""
+
+    state_per_rank = False
+
+    def __init__(self, model, objective, optimizer, comm: Comm):
+        self.model, self.objective, self.optimizer, self.comm = model, as_objective(objective), optimizer, comm
+        self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
+        self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
+        self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
+        self.evals = 0
+        self.last = {}
+        counters = getattr(optimizer, "counters", None)
+        self.radius = counters.radius if counters is not None else math.nan
+
+    def closure(self, *batch):
+        batch = _batch(batch)
+        B = batch_size(batch)
+        part = share(batch, self.comm.rank, self.comm.size)
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=False)
+            loss = self.objective(self.model, part)
+            loss.backward()
+            n = self.whole.numel
+            self.whole.gather(self.buffer[:n], grad=True)
+            self.buffer[n] = loss.detach()
+            self.comm.allreduce_(self.buffer)
+            self.buffer.div_(B)
+            self.whole.scatter(self.buffer[:n], grad=True)
+            self.evals += 1
+            return self.buffer[n].clone()
+        return closure
+
+    def step(self, *batch):
+        before = self.evals
+        counters = getattr(self.optimizer, "counters", None)
+        accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
+        loss = float(self.optimizer.step(self.closure(*batch)))
+        _restart_stalled_lbfgs(self.optimizer)
+        self.sync_buffers()
+        evals = self.evals - before
+        self.last = dict(RECORD_DEFAULTS, loss=loss, final_loss=loss, loss_evals=evals, grad_evals=evals)
+        if counters:  # the trust-region baseline
+            c = self.optimizer.counters
+            self.radius = c.radius
+            self.last.update(radius=c.radius, rho=c.rho, accepted=int(c.accepted > accepted),
+                             nonfinite=c.nonfinite - nonfinite)
+        return loss
+
+    def record(self):
+        return dict(self.last)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+    def eval_mode(self):
+        getattr(self.optimizer, "eval", lambda: None)()
+
+    def train_mode(self):
+        getattr(self.optimizer, "train", lambda: None)()
+
+
+def _restart_stalled_lbfgs(optimizer):
+    """torch's L-BFGS keeps its curvature pairs across minibatches; when the strong-Wolfe search
+    finds no step (t = 0) no pair is added, the stale direction stays an ascent direction for every
+    later batch and the run stalls for good: restart the memory."""
+    if isinstance(optimizer, AdamThenLBFGS):
+        optimizer = optimizer.current
+    if isinstance(optimizer, torch.optim.LBFGS):
+        state = optimizer.state[optimizer._params[0]]
+        if float(state.get("t", 1.0)) == 0.0:
+            state.clear()
+
+
+class AdamThenLBFGS:
+    """The usual schedule for physics-informed networks: ``adam_steps`` steps of Adam, then L-BFGS
+    (strong-Wolfe line search) from where Adam ended.  ``step(closure)``; ``state_dict`` holds the
+    step count and both optimisers' states."""
+
+    def __init__(self, params, lr, adam_steps, history_size, max_iter):
+        params = list(params)
+        self.adam = torch.optim.Adam(params, lr=lr)
+        self.lbfgs = torch.optim.LBFGS(params, history_size=history_size, max_iter=max_iter,
+                                       line_search_fn="strong_wolfe")
+        self.adam_steps, self.steps = adam_steps, 0
+
+    @property
+    def current(self):
+        return self.adam if self.steps < self.adam_steps else self.lbfgs
+
+    def zero_grad(self, set_to_none=True):
+        self.current.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure):
+        optimizer = self.current
+        self.steps += 1
+        return optimizer.step(closure)
+
+    def state_dict(self):
+        return {"steps": self.steps, "adam": self.adam.state_dict(), "lbfgs": self.lbfgs.state_dict()}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        self.adam.load_state_dict(state["adam"])
+        self.lbfgs.load_state_dict(state["lbfgs"])
+
+
+def _schedulefree(params, comm, **kw):
+    import schedulefree
+    optimizer = schedulefree.AdamWScheduleFree(params, **kw)
+    optimizer.train()
+    return optimizer
+
+
+def _tr(params, comm, **kw):
+    from .trust_region import TrustRegion
+    return TrustRegion(params, **kw)
+
+
+# method -> the torch optimiser a DataParallel wraps, from the parameters and the method's keywords
+BASELINES = {
+    "tr": _tr,
+    "sgd": lambda params, comm, **kw: torch.optim.SGD(params, **kw),
+    "adam": lambda params, comm, **kw: torch.optim.Adam(params, **kw),
+    "adamw": lambda params, comm, **kw: torch.optim.AdamW(params, **kw),
+    "schedulefree": _schedulefree,
+    "lbfgs": lambda params, comm, **kw: torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **kw),
+    "adam-lbfgs": lambda params, comm, **kw: AdamThenLBFGS(params, **kw),
+}
+
+
+def build_optimizer(cfg: dict, model, objective, comm) -> Optimizer:
+    """The optimiser of ``cfg['optimizer']`` for ``model``: APTS itself, or a data-parallel baseline.
+
+    ``cfg`` needs ``optimizer`` (``method`` and keywords, checked by :mod:`apts_mpi.options`) and
+    ``seed``.  Raises ValueError for keywords that cannot run.
+    """
+    keywords = dict(cfg["optimizer"])
+    method = keywords.pop("method")
+    keywords = options.resolve(method, keywords)
+    if method == "apts":
+        from .apts import APTS
+        return APTS(model, objective.loss_fn, comm, seed=cfg["seed"], **keywords)  # PROVISIONAL
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {', '.join(options.TRAINABLE)}; got {method!r}")
+    world = Comm(comm)
+    return DataParallel(model, objective, BASELINES[method](model.parameters(), world, **keywords), world)

@@ -1,0 +1,210 @@
+"""Every optimiser keyword, written once: its default, type, allowed values and check.
+
+The YAML config (``optimizer:`` section), the constructors (:class:`~apts_mpi.APTS`,
+:class:`~apts_mpi.TrustRegion`, the data-parallel baselines) and the command line all read their
+keywords from :data:`METHODS` through :func:`resolve`.  A new keyword is one :class:`Option` line
+in the table of its method (and the constructor's use of it).
+
+Each rule has one message, ``<key> <rule>; got <value>``; the config prefixes the key with
+``optimizer.``.  Cross-key invariants (``0 < eta1 < eta2 < 1``, the radius within its bounds, the
+sign step's requirements) are :data:`RULES`, checked after every key passed its own check.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import InputError
+
+NUMBER = (int, float)
+
+
+class OptionError(InputError):
+    """A keyword that cannot run (an InputError); ``key`` names it (without the ``optimizer.`` prefix)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword: ``check(value)`` is True for an allowed value, ``rule`` says which (after the name)."""
+
+    name: str
+    default: Any
+    types: Any
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    help: str = ""
+    in_config: bool = True  # False: a constructor keyword that the YAML config does not carry
+
+    def validate(self, value, prefix: str = ""):
+        """The value, checked (ints promoted to float where a number is expected); raises OptionError."""
+        key = prefix + self.name
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        if isinstance(value, bool) and bool not in types:
+            raise OptionError(self.name, f"{key} must be {_type_name(types)}; got {value!r}")
+        if types == NUMBER and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, types):
+            raise OptionError(self.name, f"{key} must be {_type_name(types)}; got "
+                                         f"{type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(self.name, f"{key} must be a finite number; got {value!r}")
+        if value is not None and self.check is not None and not self.check(value):
+            raise OptionError(self.name, f"{key} {self.rule}; got {value!r}")
+        return value
+
+
+def _type_name(types) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def choice(*allowed):
+    return dict(check=lambda v: v in allowed, rule=f"must be one of {', '.join(allowed)}")
+
+
+def at_least(k):
+    return dict(check=lambda v: v >= k, rule=f"must be an integer >= {k}")
+
+
+POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
+NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
+POSITIVE_INT = dict(check=lambda v: v >= 1, rule="must be a positive integer")
+MODELS = ("first-order", "lsr1", "lbfgs")
+_models = dict(check=lambda v: v in MODELS,
+               rule=f"must be one of {', '.join(MODELS)} (local_model and global_model)")
+
+# The trust-region engine (docs/method.md section 4): the authors' March 2024 constants.
+TRUST_REGION = (
+    Option("radius", 0.01, NUMBER, **POSITIVE, help="initial trust-region radius Delta_0"),
+    Option("max_radius", 0.1, NUMBER, **POSITIVE, help="largest radius Delta_max"),
+    Option("min_radius", 1e-4, NUMBER, **POSITIVE, help="smallest radius Delta_min"),
+    Option("eta1", 0.25, NUMBER, help="accept a step iff rho >= eta1; shrink the radius below it"),
+    Option("eta2", 0.75, NUMBER, help="grow the radius when rho > eta2"),
+    Option("decrease", 0.5, NUMBER, check=lambda v: 0 < v < 1, rule="must lie in (0, 1)",
+           help="radius factor after a poor step"),
+    Option("increase", 2.0, NUMBER, check=lambda v: v >= 1, rule="must be >= 1",
+           help="radius factor after a very good step"),
+    Option("norm", "inf", str, **choice("inf", "2"), help="norm of the trust region"),
+    Option("step", "cauchy", str, **choice("cauchy", "sign"),
+           help="first-order step: Cauchy point, or the sign step (inf-norm only)"),
+    Option("memory", 5, int, **POSITIVE_INT, help="pairs kept by a limited-memory model"),
+)
+
+METHODS: dict[str, tuple[Option, ...]] = {
+    # the engine's constants alone (TrustRegionConfig)
+    "trust-region": TRUST_REGION + (
+        Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
+    ),
+    "apts": TRUST_REGION + (
+        Option("subdomains", None, (int, type(None)), **at_least(1),
+               help="number of subdomains (default: world size / replicas)"),
+        Option("decomposition", "balanced", str, **choice("balanced", "random-tensors", "flat"),
+               help="how the parameters are split into subdomains"),
+        Option("local_iters", 5, int, **at_least(1), help="trust-region iterations per local phase"),
+        Option("local_fraction", 1.0, NUMBER, check=lambda v: 0 < v <= 1, rule="must lie in (0, 1]",
+               help="local budget b = local_fraction * Delta"),
+        Option("local_model", "first-order", str, **_models, help="model of the local phases"),
+        Option("acceptance", "ratio", str, **choice("ratio", "none", "nonmonotone"),
+               help="the coordinator's rule for the assembled step"),
+        Option("window", 5, int, **at_least(1), help="accepted losses a nonmonotone test looks back at"),
+        Option("global_iters", 1, int, **at_least(0), help="trust-region iterations of the global pass"),
+        Option("global_model", "first-order", str, **_models, help="model of the global pass"),
+        Option("foc", False, bool, help="add the first-order-consistency term to the local objectives"),
+        Option("replicas", 1, int, **at_least(1), help="ranks sharing one subdomain's minibatch"),
+        Option("micro_batch", None, (int, type(None)), **at_least(1),
+               help="evaluate a rank's share in chunks of this many samples (bounded memory)"),
+    ),
+    "tr": TRUST_REGION + (
+        Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
+        Option("max_iters", 1, int, **POSITIVE_INT, help="trust-region iterations per step call"),
+        Option("tolerance_grad", 0.0, NUMBER, **NONNEGATIVE, in_config=False,
+               help="stop a step's iterations once ||g||_inf <= tolerance_grad"),
+    ),
+    "sgd": (
+        Option("lr", 0.01, NUMBER, **POSITIVE, help="learning rate"),
+        Option("momentum", 0.9, NUMBER, **NONNEGATIVE, help="momentum"),
+        Option("weight_decay", 0.0, NUMBER, **NONNEGATIVE, help="L2 penalty"),
+    ),
+    "adam": (
+        Option("lr", 1e-3, NUMBER, **POSITIVE, help="learning rate"),
+        Option("weight_decay", 0.0, NUMBER, **NONNEGATIVE, help="L2 penalty"),
+    ),
+    "adamw": (
+        Option("lr", 1e-3, NUMBER, **POSITIVE, help="learning rate"),
+        Option("weight_decay", 0.01, NUMBER, **NONNEGATIVE, help="decoupled weight decay"),
+    ),
+    "schedulefree": (  # Schedule-Free AdamW (Defazio et al. 2024), the `schedulefree` package
+        Option("lr", 2.5e-3, NUMBER, **POSITIVE, help="learning rate (no schedule)"),
+        Option("weight_decay", 0.0, NUMBER, **NONNEGATIVE, help="decoupled weight decay"),
+        Option("warmup_steps", 0, int, **at_least(0), help="linear warm-up steps"),
+    ),
+    "lbfgs": (
+        Option("lr", 1.0, NUMBER, **POSITIVE, help="step length scale (strong-Wolfe line search)"),
+        Option("history_size", 10, int, **POSITIVE_INT, help="curvature pairs kept"),
+        Option("max_iter", 1, int, **POSITIVE_INT, help="iterations per step call"),
+    ),
+    "adam-lbfgs": (  # the usual PINN schedule: Adam first, then L-BFGS from where Adam ended
+        Option("lr", 1e-3, NUMBER, **POSITIVE, help="Adam's learning rate"),
+        Option("adam_steps", 1000, int, **at_least(0), help="steps taken with Adam before L-BFGS"),
+        Option("history_size", 50, int, **POSITIVE_INT, help="L-BFGS curvature pairs kept"),
+        Option("max_iter", 1, int, **POSITIVE_INT, help="L-BFGS iterations per step call"),
+    ),
+}
+# the values of the config's optimizer.method
+TRAINABLE = ("apts", "tr", "sgd", "adam", "adamw", "schedulefree", "lbfgs", "adam-lbfgs")
+
+
+def _trust_region_rules(v, prefix):
+    """Cross-key invariants of the engine's constants, one message each."""
+    p = prefix
+    if not v["min_radius"] <= v["max_radius"]:
+        yield "min_radius", (f"{p}min_radius ({v['min_radius']}) must not exceed {p}max_radius "
+                             f"({v['max_radius']})")
+    elif not v["min_radius"] <= v["radius"] <= v["max_radius"]:
+        yield "radius", (f"{p}radius ({v['radius']}) must lie in [min_radius, max_radius] = "
+                         f"[{v['min_radius']}, {v['max_radius']}]")
+    if not 0 < v["eta1"] < v["eta2"] < 1:
+        yield "eta1", f"need 0 < eta1 < eta2 < 1; got {p}eta1={v['eta1']}, {p}eta2={v['eta2']}"
+    model = v.get("model", v.get("local_model", "first-order"))
+    if v["step"] == "sign" and (v["norm"] != "inf" or model != "first-order"
+                                or v.get("global_model", "first-order") != "first-order"):
+        yield "step", ("step='sign' is the inf-norm minimiser of the first-order model: it needs "
+                       "norm='inf' and a first-order model")
+
+
+RULES = {"trust-region": _trust_region_rules, "apts": _trust_region_rules, "tr": _trust_region_rules}
+
+
+def options(method: str, config_only: bool = False) -> dict[str, Option]:
+    """The keywords of ``method`` by name (those the YAML config carries, with ``config_only``)."""
+    if method not in METHODS:
+        raise OptionError("method", f"method must be one of {', '.join(TRAINABLE)}; got {method!r}")
+    return {o.name: o for o in METHODS[method] if o.in_config or not config_only}
+
+
+def defaults(method: str, config_only: bool = False) -> dict:
+    return {name: o.default for name, o in options(method, config_only).items()}
+
+
+def resolve(method: str, given: dict, prefix: str = "", config_only: bool = False) -> dict:
+    """Every keyword of ``method``: the given values checked, the rest their defaults.
+
+    Raises OptionError (a ValueError) for an unknown keyword, a wrong type, a value its rule
+    refuses, or a broken cross-key invariant; the message names the key (with ``prefix``).
+    """
+    known = options(method, config_only)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key (known: "
+                                      f"{', '.join(sorted(known))})")
+    values = {name: o.validate(given[name], prefix) if name in given else o.default
+              for name, o in known.items()}
+    for key, message in RULES.get(method, lambda v, p: ())(values, prefix):
+        raise OptionError(key, message)
+    return values

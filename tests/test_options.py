@@ -1,0 +1,56 @@
+"""The options table: one owner for every optimiser keyword, read by the config and the constructors."""
+import pytest
+
+from apts_mpi import config, options
+
+
+@pytest.mark.parametrize("method", options.TRAINABLE)
+def test_config_defaults_are_the_options_defaults(method):
+    resolved = config.resolve({"optimizer": {"method": method}})["optimizer"]
+    assert resolved == {"method": method, **options.defaults(method, config_only=True)}
+
+
+@pytest.mark.parametrize("method", options.TRAINABLE)
+def test_every_keyword_is_checked_with_one_message_naming_it(method):
+    for name, option in options.options(method).items():
+        with pytest.raises(options.OptionError) as err:  # no keyword takes a list
+            options.resolve(method, {name: [1, 2]}, prefix="optimizer.")
+        assert err.value.key == name
+        assert str(err.value).startswith(f"optimizer.{name} must be") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method, given, words", [
+    ("apts", {"radius": -1.0}, ["radius must be > 0", "-1.0"]),
+    ("apts", {"local_fraction": 0}, ["local_fraction must lie in (0, 1]", "got 0.0"]),
+    ("apts", {"acceptance": "maybe"}, ["acceptance must be one of ratio, none, nonmonotone", "'maybe'"]),
+    ("apts", {"global_iters": -1}, ["global_iters must be an integer >= 0"]),
+    ("apts", {"micro_batch": 0}, ["micro_batch must be an integer >= 1"]),
+    ("apts", {"foc": 1}, ["foc must be true or false"]),
+    ("tr", {"max_iters": True}, ["max_iters must be an integer"]),
+    ("tr", {"radius": float("inf")}, ["radius must be a finite number"]),
+    ("tr", {"eta1": 0.5, "eta2": 0.4}, ["0 < eta1 < eta2 < 1", "eta1=0.5"]),
+    ("tr", {"radius": 0.5}, ["radius (0.5) must lie in [min_radius, max_radius]"]),
+    ("tr", {"min_radius": 0.2}, ["min_radius (0.2) must not exceed max_radius (0.1)"]),
+    ("apts", {"step": "sign", "local_model": "lsr1"}, ["step='sign'"]),
+    ("sgd", {"lr": 0}, ["lr must be > 0"]),
+    ("adam-lbfgs", {"adam_steps": -3}, ["adam_steps must be an integer >= 0"]),
+    ("adam", {"momentum": 0.9}, ["momentum: unknown key"]),
+])
+def test_rules(method, given, words):
+    with pytest.raises(options.OptionError) as err:
+        options.resolve(method, given)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_ints_become_floats_where_a_number_is_expected():
+    values = options.resolve("tr", {"radius": 0.05, "max_radius": 1})
+    assert values["max_radius"] == 1.0 and isinstance(values["max_radius"], float)
+
+
+def test_constructor_only_keywords_stay_out_of_the_config():
+    assert "tolerance_grad" in options.options("tr")
+    assert "tolerance_grad" not in config.resolve({"optimizer": {"method": "tr"}})["optimizer"]
+    with pytest.raises(config.ConfigError, match="optimizer.tolerance_grad: unknown key"):
+        config.resolve({"optimizer": {"method": "tr", "tolerance_grad": 1e-3}})
+
