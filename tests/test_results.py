@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from apts_mpi import results
+from apts_mpi.results import checkpoint as checkpoint_module
+from apts_mpi.results import metrics as metrics_module
 from apts_mpi.results import (ResultsError, load_checkpoint, plot_runs, read_metrics,
                               report_table, save_checkpoint, summarize_runs, write_metrics)
 
@@ -288,7 +289,7 @@ def test_flipped_data_bytes_are_detected_by_both_digests(checkpoint, tmp_path):
                 load_checkpoint(copy)
             assert str(copy) in str(exc.value), name
             # the digest over the payload leaves, with the header resealed over the damage
-            results._seal(copy)
+            checkpoint_module._seal(copy)
             with pytest.raises(ResultsError, match="SHA-256 digest .* does not match the stored"):
                 load_checkpoint(copy)
 
@@ -327,7 +328,7 @@ def test_missing_or_false_complete_flag_is_detected(checkpoint, tmp_path):
                 f.attrs["complete"] = value
         with pytest.raises(ResultsError, match="digest"):  # any change to the file shows
             load_checkpoint(copy)
-        results._seal(copy)  # as if its writer had stopped before setting the flag
+        checkpoint_module._seal(copy)  # as if its writer had stopped before setting the flag
         with pytest.raises(ResultsError, match="complete") as exc:
             load_checkpoint(copy)
         assert str(copy) in str(exc.value)
@@ -364,7 +365,7 @@ def leftover_temporaries(folder):
 
 def test_crash_during_checkpoint_write_keeps_old_file(checkpoint, monkeypatch):
     before = checkpoint.read_bytes()
-    real = results._write_record
+    real = checkpoint_module._write_record
     calls = []
 
     def crash_midway(*args):
@@ -373,7 +374,7 @@ def test_crash_during_checkpoint_write_keeps_old_file(checkpoint, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         real(*args)
 
-    monkeypatch.setattr(results, "_write_record", crash_midway)
+    monkeypatch.setattr(checkpoint_module, "_write_record", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(checkpoint, {"new": torch.zeros(100)} | every_leaf_payload(), {})
     assert len(calls) == 10
@@ -387,7 +388,7 @@ def test_crash_during_first_write_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results, "_write_series", crash)
+    monkeypatch.setattr(metrics_module, "_write_series", crash)
     with pytest.raises(OSError, match="disk full"):
         write_metrics(tmp_path / "metrics.h5", {"loss": [1.0]}, {}, {})
     assert list(tmp_path.iterdir()) == []
@@ -397,14 +398,14 @@ def test_crash_during_metrics_write_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.h5"
     write_metrics(path, {"loss": [1.0]}, {"epoch": [1]}, {"seed": 1})
     before = path.read_bytes()
-    real = results._write_series
+    real = metrics_module._write_series
 
     def crash_on_epochs(group, name, arr):
         if group.name == "/epochs":
             raise RuntimeError("simulated crash")
         real(group, name, arr)
 
-    monkeypatch.setattr(results, "_write_series", crash_on_epochs)
+    monkeypatch.setattr(metrics_module, "_write_series", crash_on_epochs)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_metrics(path, {"loss": [1.0, 0.5]}, {"epoch": [1, 2]}, {"seed": 1})
     assert path.read_bytes() == before
