@@ -53,8 +53,15 @@ def format_table(header: list, rows: list, style: str = "plain") -> str:
     return "\n".join([line(header), rule] + [line(r) for r in rows]) + "\n"
 
 
-_SUMMARY_KEYS = ("epochs", "final_test_acc", "best_test_acc", "final_loss", "seconds",
-                 "loss_evals", "grad_evals", "accepted", "rejected", "nonfinite")
+# The per-epoch quality measures a problem may report, in order of precedence for the figure:
+# (series, summary-key stem, table column and axis label, higher is better, table format).
+_QUALITY = (("test_accuracy", "test_acc", "test acc %", True, ".2f"),    # classification
+            ("val_loss", "val_loss", "val loss", False, ".4g"),         # language model
+            ("l2_error", "l2_error", "L2 error", False, ".4g"))         # PINN
+_COUNTERS = ("seconds", "loss_evals", "grad_evals", "accepted", "rejected", "nonfinite")
+_SUMMARY_KEYS = ("epochs",
+                 *(f"{end}_{stem}" for _, stem, *_ in _QUALITY for end in ("final", "best")),
+                 "final_loss", *_COUNTERS)
 
 
 def _metrics_path(run_dir) -> Path:
@@ -81,22 +88,31 @@ def _without_seed(value):
     return value
 
 
+def _quality_series(epochs: dict, series: str):
+    """The epoch series ``series`` as float64 (test accuracy in percent), or None if absent."""
+    values = epochs.get(series)
+    if values is None or not len(values):
+        return None
+    return _accuracy_percent(values) if series == "test_accuracy" else np.asarray(values, float)
+
+
 def _run_values(epochs: dict) -> dict:
     def last(name):
         s = epochs.get(name)
         return float(s[-1]) if s is not None and len(s) else None
 
-    acc = epochs.get("test_accuracy")
-    acc = _accuracy_percent(acc) if acc is not None and len(acc) else None
-    best = None
-    if acc is not None:
-        best = float(np.nanmax(acc)) if np.isfinite(acc).any() else float("nan")
-    return {"epochs": last("epoch"),
-            "final_test_acc": None if acc is None else float(acc[-1]),
-            "best_test_acc": best, "final_loss": last("loss"), "seconds": last("seconds"),
-            "loss_evals": last("loss_evals"), "grad_evals": last("grad_evals"),
-            "accepted": last("accepted"), "rejected": last("rejected"),
-            "nonfinite": last("nonfinite")}
+    out = {"epochs": last("epoch")}
+    for series, stem, _, higher, _ in _QUALITY:
+        values = _quality_series(epochs, series)
+        best = None
+        if values is not None:
+            best = (float((np.nanmax if higher else np.nanmin)(values))
+                    if np.isfinite(values).any() else float("nan"))
+        out[f"final_{stem}"] = None if values is None else float(values[-1])
+        out[f"best_{stem}"] = best
+    out["final_loss"] = last("loss")
+    out |= {name: last(name) for name in _COUNTERS}
+    return out
 
 
 def _short_name(names: list) -> str:
@@ -114,8 +130,10 @@ def summarize_runs(run_dirs: list) -> list:
     group of its own.  Returns one dict per group in order of first appearance: ``label``,
     ``runs`` (paths), ``seeds``, ``n``, ``values`` (per summary key, the per-run values present),
     ``mean`` and ``std`` (sample standard deviation, ``ddof=1``; NaN for one run; ``None`` when no
-    run has the series).  Summary keys: epochs, final_test_acc and best_test_acc (percent),
-    final_loss, seconds, loss_evals, grad_evals, accepted, rejected (last values).
+    run has the series).  Summary keys: epochs; final_test_acc and best_test_acc (percent, best
+    is the largest), final_val_loss and best_val_loss, final_l2_error and best_l2_error (best is
+    the smallest; NaN entries are skipped, NaN when all are); final_loss; seconds, loss_evals,
+    grad_evals, accepted, rejected, nonfinite (last values).
     """
     groups: dict = {}
     for run_dir in run_dirs:
@@ -171,19 +189,31 @@ def _fmt(row: dict, name: str, spec: str) -> str:
     return f"{format(mean, spec)} +- {format(std, spec)}"
 
 
+def _quality_shown(rows: list) -> list:
+    """The entries of ``_QUALITY`` the table shows: those some run has.  Test accuracy is also
+    shown when no run has any of them, so such a table keeps its (blank) accuracy columns."""
+    shown = [q for q in _QUALITY if any(r["mean"][f"final_{q[1]}"] is not None for r in rows)]
+    return shown or [_QUALITY[0]]
+
+
 def report_table(run_dirs: list) -> str:
     """A plain-text table, one row per group of runs differing only in seed (see summarize_runs).
 
-    Columns: run (method, N, short folder name), seeds, epochs, final and best test accuracy %,
-    final loss, wall time s, loss/grad evals, accepted/rejected, rejections of a non-finite trial
-    (``nonfinite``); a group of several seeds shows
-    ``mean +- std``.  A missing series leaves its cell blank ('-' for half of a pair cell).
+    Columns: run (method, N, short folder name), seeds, epochs, then the final and best value of
+    each quality measure some run has (test accuracy %, validation loss, L2 error; test accuracy
+    also when none is present, as blank cells), final loss, wall time s, loss/grad evals,
+    accepted/rejected, rejections of a non-finite trial (``nonfinite``); a group of several seeds
+    shows ``mean +- std``.  A missing series leaves its cell blank ('-' for half of a pair cell).
     Raises ``ResultsError`` for an unreadable metrics file.
     """
-    header = ["run", "seeds", "epochs", "final test acc %", "best test acc %", "final loss",
-              "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
-    table = [header]
-    for row in summarize_runs(run_dirs):
+    rows = summarize_runs(run_dirs)
+    quality = _quality_shown(rows)
+    header = ["run", "seeds", "epochs"]
+    for _, _, label, _, _ in quality:
+        header += [f"final {label}", f"best {label}"]
+    header += ["final loss", "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
+    table = []
+    for row in rows:
         ep = row["values"]["epochs"]
         if ep.size and np.all(ep == ep[0]):
             epochs = format(ep[0], "g")
@@ -194,22 +224,25 @@ def report_table(run_dirs: list) -> str:
             x, y = _fmt(row, a, ".0f"), _fmt(row, b, ".0f")
             return f"{x or '-'} / {y or '-'}" if (x or y) else ""
 
-        table.append([row["label"], str(row["n"]), epochs,
-                      _fmt(row, "final_test_acc", ".2f"), _fmt(row, "best_test_acc", ".2f"),
-                      _fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
-                      pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
-                      _fmt(row, "nonfinite", ".0f")])
-    return format_table(header, table[1:])
+        cells = [row["label"], str(row["n"]), epochs]
+        for _, stem, _, _, spec in quality:
+            cells += [_fmt(row, f"final_{stem}", spec), _fmt(row, f"best_{stem}", spec)]
+        table.append(cells + [_fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
+                              pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
+                              _fmt(row, "nonfinite", ".0f")])
+    return format_table(header, table)
 
 
-def plot_runs(run_dirs: list, out) -> None:
-    """Plot every run (not grouped) into a 2x2 figure written atomically to ``out``.
+def plot_runs(run_dirs: list, out):
+    """Plot every run (not grouped) into a figure written atomically to ``out``; returns the figure.
 
-    Panels: test accuracy % vs epoch, loss vs epoch (log y), test accuracy % vs seconds, loss vs
-    seconds; one line per run labelled method, N, seed and folder, one legend for the figure.
-    The format follows ``out``'s extension (png, pdf, or any other matplotlib writes); uses the
-    Agg canvas without touching pyplot's global backend.  Raises ``ValueError`` for no runs or an
-    unknown extension, ``ResultsError`` for an unreadable metrics file.
+    Columns: the problem's main metric (the first of test accuracy %, validation loss, L2 error
+    that some run has; log y for the losses) and the training loss (log y).  Rows: against epoch,
+    against wall time s and, when some run has ``grad_evals``, against cumulative gradient
+    evaluations.  One line per run labelled method, N, seed and folder, one legend for the
+    figure.  The format follows ``out``'s extension (png, pdf, or any other matplotlib writes);
+    uses the Agg canvas without touching pyplot's global backend.  Raises ``ValueError`` for no
+    runs or an unknown extension, ``ResultsError`` for an unreadable metrics file.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -224,11 +257,20 @@ def plot_runs(run_dirs: list, out) -> None:
     if fmt not in canvas.get_supported_filetypes():
         raise ValueError(f"{out}: unsupported figure format {fmt!r}; "
                          f"use one of {sorted(canvas.get_supported_filetypes())}")
-    axes = fig.subplots(2, 2)
-    (ax_acc_e, ax_loss_e), (ax_acc_s, ax_loss_s) = axes
-    handles = {}
-    for i, run_dir in enumerate(run_dirs):
+    runs = []
+    for run_dir in run_dirs:
         _, ep, attrs = read_metrics(_metrics_path(run_dir))
+        runs.append((run_dir, ep, attrs))
+    main = next((q for q in _QUALITY
+                 if any(_quality_series(ep, q[0]) is not None for _, ep, _ in runs)), _QUALITY[0])
+    main_series, main_label, main_log = main[0], ("test accuracy %" if main is _QUALITY[0]
+                                                  else main[2]), not main[3]
+    x_axes = [("epoch", "epoch"), ("seconds", "wall time s")]
+    if any("grad_evals" in ep and len(ep["grad_evals"]) for _, ep, _ in runs):
+        x_axes.append(("grad_evals", "gradient evaluations"))
+    axes = fig.subplots(len(x_axes), 2, squeeze=False)
+    handles = {}
+    for i, (run_dir, ep, attrs) in enumerate(runs):
         parts = [str(attrs.get("method", "?"))]
         if attrs.get("subdomains") is not None:
             parts.append(f"N={attrs['subdomains']}")
@@ -239,29 +281,27 @@ def plot_runs(run_dirs: list, out) -> None:
         style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
                  "marker": ".", "markersize": 4, "label": label}
         n = max((len(v) for v in ep.values()), default=0)
-        epoch = ep.get("epoch", np.arange(n))
-        seconds = ep.get("seconds")
-        acc = ep.get("test_accuracy")
-        acc = _accuracy_percent(acc) if acc is not None else None
-        loss = ep.get("loss")
-        for ax, x, y in ((ax_acc_e, epoch, acc), (ax_loss_e, epoch, loss),
-                         (ax_acc_s, seconds, acc), (ax_loss_s, seconds, loss)):
-            if x is not None and y is not None and len(y):
-                (h,) = ax.plot(x, y, **style)
-                handles.setdefault(label, h)
-    for ax, ylabel, xlabel in ((ax_acc_e, "test accuracy %", "epoch"),
-                               (ax_loss_e, "loss", "epoch"),
-                               (ax_acc_s, "test accuracy %", "wall time s"),
-                               (ax_loss_s, "loss", "wall time s")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-    for ax in (ax_acc_e, ax_loss_e):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (ax_loss_e, ax_loss_s):
-        if any(np.any(np.asarray(line.get_ydata(), dtype=float) > 0) for line in ax.lines):
-            ax.set_yscale("log")
-    fig.subplots_adjust(left=0.06, right=0.74, bottom=0.07, top=0.97, wspace=0.25, hspace=0.25)
+        xs = {"epoch": ep.get("epoch", np.arange(n)), "seconds": ep.get("seconds"),
+              "grad_evals": ep.get("grad_evals")}
+        ys = (_quality_series(ep, main_series), ep.get("loss"))
+        for (x_name, _), ax_row in zip(x_axes, axes):
+            x = xs[x_name]
+            for ax, y in zip(ax_row, ys):
+                if x is not None and y is not None and len(y):
+                    (h,) = ax.plot(x, y, **style)
+                    handles.setdefault(label, h)
+    for (x_name, xlabel), (ax_main, ax_loss) in zip(x_axes, axes):
+        for ax, ylabel, log in ((ax_main, main_label, main_log), (ax_loss, "loss", True)):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if x_name == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if log and any(np.any(np.asarray(line.get_ydata(), dtype=float) > 0)
+                           for line in ax.lines):
+                ax.set_yscale("log")
+    fig.subplots_adjust(left=0.06, right=0.74, bottom=0.07, top=0.97, wspace=0.25,
+                        hspace=0.25 if len(x_axes) == 2 else 0.45)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="center left",
                    bbox_to_anchor=(0.755, 0.5), fontsize="small", frameon=False)
@@ -272,3 +312,4 @@ def plot_runs(run_dirs: list, out) -> None:
             fh.flush()
 
     atomic_write(out, write)
+    return fig
