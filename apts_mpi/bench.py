@@ -168,31 +168,39 @@ def bench_baseline(args):
 
 
 def summary(paths, json_out=None):
+    from .results import format_table
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
     apts = [r for r in rows if r["kind"] == "apts"]
     raw = {r["ranks"]: r for r in rows if r["kind"] == "allreduce"}
-    lines = ["| run | ranks | s/iter | local | comm | waiting | global | other | MB moved/rank | comb. GB/s | raw allreduce GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in apts:
         comb = raw_bw = ""
         if r["ranks"] > 1 and r["comm"] > 0:
             comb = f"{r['bytes'] / r['comm'] / 1e9:.2f}"
         if r["ranks"] in raw:
             raw_bw = f"{raw[r['ranks']]['allreduce_gbps']:.2f}"
-        lines.append(f"| {r['label']} | {r['ranks']} | {r['seconds']:.3f} | {r['local']:.3f} | "
-                     f"{r['comm']:.4f} | {r['waiting']:.3f} | {r['global_']:.3f} | {r['bookkeeping']:.3f} | "
-                     f"{r['bytes'] / 1e6:.2f} | {comb} | {raw_bw} |")
-    lines += ["", "| baseline iteration | ranks | s/iter | evaluations/iter |", "|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['ranks']} | {r['seconds']:.3f} | {r['evals_per_iteration']} |"
-              for r in rows if r["kind"] == "baseline"]
-    lines += ["", "| raw MPI (535,818 float32) | Allreduce s | Allreduce GB/s | Allgatherv s | Allgatherv GB/s |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['allreduce_seconds']:.4f} | {r['allreduce_gbps']:.2f} | "
-              f"{r['allgatherv_seconds']:.4f} | {r['allgatherv_gbps']:.2f} |" for r in raw.values()]
+        cells.append([r["label"], str(r["ranks"]), f"{r['seconds']:.3f}", f"{r['local']:.3f}",
+                      f"{r['comm']:.4f}", f"{r['waiting']:.3f}", f"{r['global_']:.3f}",
+                      f"{r['bookkeeping']:.3f}", f"{r['bytes'] / 1e6:.2f}", comb, raw_bw])
+    tables = [format_table(["run", "ranks", "s/iter", "local", "comm", "waiting", "global", "other",
+                            "MB moved/rank", "comb. GB/s", "raw allreduce GB/s"], cells,
+                           style="markdown")]
+    tables.append(format_table(
+        ["baseline iteration", "ranks", "s/iter", "evaluations/iter"],
+        [[r["label"], str(r["ranks"]), f"{r['seconds']:.3f}", str(r["evals_per_iteration"])]
+         for r in rows if r["kind"] == "baseline"], style="markdown"))
+    tables.append(format_table(
+        ["raw MPI (535,818 float32)", "Allreduce s", "Allreduce GB/s", "Allgatherv s",
+         "Allgatherv GB/s"],
+        [[r["label"], f"{r['allreduce_seconds']:.4f}", f"{r['allreduce_gbps']:.2f}",
+          f"{r['allgatherv_seconds']:.4f}", f"{r['allgatherv_gbps']:.2f}"] for r in raw.values()],
+        style="markdown"))
     for r in (r for r in rows if r["kind"] == "ablation"):
-        lines += ["", f"| {r['label']}: local-phase savings | s/iter | local s |", "|---|---|---|"]
-        lines += [f"| {name} | {v['seconds']:.3f} | {v['local']:.3f} |" for name, v in r["results"].items()]
-        lines += ["", "```", r["profile"].rstrip(), "```"]
+        tables.append(format_table(
+            [f"{r['label']}: local-phase savings", "s/iter", "local s"],
+            [[name, f"{v['seconds']:.3f}", f"{v['local']:.3f}"] for name, v in r["results"].items()],
+            style="markdown"))
+        tables.append("\n".join(["```", r["profile"].rstrip(), "```"]))
     by = {r["label"]: r for r in apts}
     targets = []
     for n in (2, 4):
@@ -203,7 +211,7 @@ def summary(paths, json_out=None):
             targets.append(f"communication + bookkeeping at N={n}: "
                            f"{100 * (m['comm'] + m['bookkeeping']) / m['seconds']:.1f}% of the iteration "
                            f"(waiting for the slowest rank {100 * m['waiting'] / m['seconds']:.1f}%)")
-    table = "\n".join(lines + [""] + [f"- {t}" for t in targets])
+    table = "\n".join(["\n\n".join(tables), ""] + [f"- {t}" for t in targets])
     if json_out:
         with open(json_out, "w") as f:
             json.dump(dict(rows=rows, targets=targets), f, indent=1)
@@ -212,12 +220,10 @@ def summary(paths, json_out=None):
 
 def time_to_accuracy(run_dirs, target, json_out=None):
     """Seconds and epochs until the test accuracy first reaches ``target``, one row per run."""
-    from .results import read_metrics
-    lines = [f"| run | ranks | reached {100 * target:.0f}% at epoch | seconds | best test acc % | epochs run |",
-             "|---|---|---|---|---|---|"]
-    rows = []
+    from .results import METRICS_FILE, format_table, read_metrics
+    rows, cells = [], []
     for d in run_dirs:
-        _, epochs, attrs = read_metrics(os.path.join(d, "metrics.h5"))
+        _, epochs, attrs = read_metrics(os.path.join(d, METRICS_FILE))
         acc = np.asarray(epochs["test_accuracy"])
         hit = np.flatnonzero(acc >= target)
         row = dict(run=os.path.basename(os.path.normpath(d)), ranks=attrs.get("world_size"),
@@ -225,12 +231,14 @@ def time_to_accuracy(run_dirs, target, json_out=None):
                    seconds=float(epochs["seconds"][hit[0]]) if hit.size else None,
                    best=float(100 * acc.max()), epochs=int(len(acc)))
         rows.append(row)
-        reached = (f"{row['epoch']} | {row['seconds']:.0f}" if hit.size else "not reached | -")
-        lines.append(f"| {row['run']} | {row['ranks']} | {reached} | {row['best']:.2f} | {row['epochs']} |")
+        reached = [str(row["epoch"]), f"{row['seconds']:.0f}"] if hit.size else ["not reached", "-"]
+        cells.append([row["run"], str(row["ranks"]), *reached, f"{row['best']:.2f}",
+                      str(row["epochs"])])
     if json_out:
         with open(json_out, "w") as f:
             json.dump(dict(target=target, rows=rows), f, indent=1)
-    return "\n".join(lines)
+    return format_table(["run", "ranks", f"reached {100 * target:.0f}% at epoch", "seconds",
+                         "best test acc %", "epochs run"], cells, style="markdown")
 
 
 def main(argv=None):

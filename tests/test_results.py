@@ -2,6 +2,7 @@
 import math
 import os
 import random
+import re
 import shutil
 import stat
 import struct
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from apts_mpi import results
-from apts_mpi.results import (ResultsError, load_checkpoint, plot_runs, read_metrics,
-                              report_table, save_checkpoint, summarize_runs, write_metrics)
+from apts_mpi.results import checkpoint as checkpoint_module
+from apts_mpi.results import metrics as metrics_module
+from apts_mpi.results import (ResultsError, format_table, load_checkpoint, plot_runs,
+                              read_metrics, report_table, save_checkpoint, summarize_runs,
+                              write_metrics)
 
 # A quiet NaN with a payload, and the bit patterns that must survive untouched.
 NAN_PAYLOAD = struct.unpack("<d", bytes.fromhex("2301000000 00f87f".replace(" ", "")))[0]
@@ -288,7 +291,7 @@ def test_flipped_data_bytes_are_detected_by_both_digests(checkpoint, tmp_path):
                 load_checkpoint(copy)
             assert str(copy) in str(exc.value), name
             # the digest over the payload leaves, with the header resealed over the damage
-            results._seal(copy)
+            checkpoint_module._seal(copy)
             with pytest.raises(ResultsError, match="SHA-256 digest .* does not match the stored"):
                 load_checkpoint(copy)
 
@@ -327,7 +330,7 @@ def test_missing_or_false_complete_flag_is_detected(checkpoint, tmp_path):
                 f.attrs["complete"] = value
         with pytest.raises(ResultsError, match="digest"):  # any change to the file shows
             load_checkpoint(copy)
-        results._seal(copy)  # as if its writer had stopped before setting the flag
+        checkpoint_module._seal(copy)  # as if its writer had stopped before setting the flag
         with pytest.raises(ResultsError, match="complete") as exc:
             load_checkpoint(copy)
         assert str(copy) in str(exc.value)
@@ -364,7 +367,7 @@ def leftover_temporaries(folder):
 
 def test_crash_during_checkpoint_write_keeps_old_file(checkpoint, monkeypatch):
     before = checkpoint.read_bytes()
-    real = results._write_record
+    real = checkpoint_module._write_record
     calls = []
 
     def crash_midway(*args):
@@ -373,7 +376,7 @@ def test_crash_during_checkpoint_write_keeps_old_file(checkpoint, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         real(*args)
 
-    monkeypatch.setattr(results, "_write_record", crash_midway)
+    monkeypatch.setattr(checkpoint_module, "_write_record", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(checkpoint, {"new": torch.zeros(100)} | every_leaf_payload(), {})
     assert len(calls) == 10
@@ -387,7 +390,7 @@ def test_crash_during_first_write_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results, "_write_series", crash)
+    monkeypatch.setattr(metrics_module, "_write_series", crash)
     with pytest.raises(OSError, match="disk full"):
         write_metrics(tmp_path / "metrics.h5", {"loss": [1.0]}, {}, {})
     assert list(tmp_path.iterdir()) == []
@@ -397,14 +400,14 @@ def test_crash_during_metrics_write_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.h5"
     write_metrics(path, {"loss": [1.0]}, {"epoch": [1]}, {"seed": 1})
     before = path.read_bytes()
-    real = results._write_series
+    real = metrics_module._write_series
 
     def crash_on_epochs(group, name, arr):
         if group.name == "/epochs":
             raise RuntimeError("simulated crash")
         real(group, name, arr)
 
-    monkeypatch.setattr(results, "_write_series", crash_on_epochs)
+    monkeypatch.setattr(metrics_module, "_write_series", crash_on_epochs)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_metrics(path, {"loss": [1.0, 0.5]}, {"epoch": [1, 2]}, {"seed": 1})
     assert path.read_bytes() == before
@@ -535,3 +538,108 @@ def test_plot_runs_writes_readable_png_and_pdf(tmp_path):
     assert leftover_temporaries(tmp_path) == []
     with pytest.raises(ValueError, match="format"):
         plot_runs(dirs, tmp_path / "curves.xyz")
+
+
+def test_format_table_plain_and_markdown():
+    header, rows = ["run", "n", "acc %"], [["apts", "2", "97.10"], ["adam long name", "1", ""]]
+    assert format_table(header, rows) == (
+        "run             n  acc %\n"
+        "--------------  -  -----\n"
+        "apts            2  97.10\n"
+        "adam long name  1       \n")
+    assert format_table(header, rows, style="markdown") == (
+        "| run | n | acc % |\n|---|---|---|\n| apts | 2 | 97.10 |\n| adam long name | 1 |  |")
+    with pytest.raises(ValueError, match="row 1 has 2 cells"):
+        format_table(header, [["a", "b", "c"], ["a", "b"]])
+    with pytest.raises(ValueError, match="style"):
+        format_table(header, rows, style="html")
+
+
+def make_other_runs(root):
+    """Two seeds of a language model (val_loss, one NaN) and a PINN run (l2_error)."""
+    specs = {"lm_seed0": ("val_loss", [3.2, 2.9, np.nan, 2.7, 2.8], 0),
+             "lm_seed1": ("val_loss", [3.1, 2.6, 2.65, 2.7, 2.75], 1),
+             "pinn": ("l2_error", [0.9, 0.2, 0.05, 0.08, 0.04], 0)}
+    dirs = []
+    for folder, (series, values, seed) in specs.items():
+        run = root / folder
+        run.mkdir()
+        n = len(values)
+        epochs = {"epoch": np.arange(1, n + 1), "loss": np.linspace(2.0, 1.0, n),
+                  "seconds": np.arange(1.0, n + 1), series: np.array(values)}
+        if series == "l2_error":
+            epochs["grad_evals"] = np.array([10, 25, 45, 70, 100])
+        problem = "lm" if series == "val_loss" else "pinn"
+        write_metrics(run / "metrics.h5", {}, epochs,
+                      {"method": "apts", "subdomains": 2, "seed": seed,
+                       "config": {"problem": problem, "seed": seed}})
+        dirs.append(run)
+    return dirs
+
+
+def columns(header_line):
+    """The column names of a plain table's header (names hold single spaces, gaps are wider)."""
+    return re.split(r" {2,}", header_line.strip())
+
+
+def test_report_shows_val_loss_and_l2_error_final_and_best(tmp_path):
+    dirs = make_other_runs(tmp_path)
+    lm, pinn = summarize_runs(dirs)
+    final_val = [2.8, 2.75]
+    best_val = [2.7, 2.6]  # the NaN epoch is skipped
+    assert lm["mean"]["final_val_loss"] == pytest.approx(np.mean(final_val), rel=1e-15)
+    assert lm["std"]["final_val_loss"] == pytest.approx(np.std(final_val, ddof=1), rel=1e-12)
+    assert lm["mean"]["best_val_loss"] == pytest.approx(np.mean(best_val), rel=1e-15)
+    assert lm["mean"]["final_test_acc"] is None and lm["mean"]["final_l2_error"] is None
+    assert pinn["mean"]["final_l2_error"] == 0.04 and pinn["mean"]["best_l2_error"] == 0.04
+    assert pinn["mean"]["grad_evals"] == 100 and pinn["mean"]["final_val_loss"] is None
+
+    lines = report_table(dirs).splitlines()
+    assert columns(lines[0]) == ["run", "seeds", "epochs", "final val loss", "best val loss",
+                                 "final L2 error", "best L2 error", "final loss", "wall time s",
+                                 "loss/grad evals", "accepted/rejected", "non-finite"]
+    assert len({len(line) for line in lines}) == 1
+    lm_line, pinn_line = lines[2], lines[3]
+    assert f"{np.mean(final_val):.4g} +- {np.std(final_val, ddof=1):.4g}" in lm_line
+    assert f"{np.mean(best_val):.4g} +- {np.std(best_val, ddof=1):.4g}" in lm_line
+    l2_end = lines[0].index("best L2 error") + len("best L2 error")
+    assert lm_line[lines[0].index("best val loss") + len("best val loss"):l2_end].strip() == ""
+    assert pinn_line[:l2_end].split()[-2:] == ["0.04", "0.04"]
+    val_start = lines[0].index("epochs") + len("epochs")
+    assert pinn_line[val_start:lines[0].index("best val loss") + len("best val loss")].strip() == ""
+
+    # classification runs alone: exactly today's columns; beside a PINN run: both measures
+    (tmp_path / "mnist").mkdir()
+    mnist, _ = make_runs(tmp_path / "mnist")
+    today = ["run", "seeds", "epochs", "final test acc %", "best test acc %", "final loss",
+             "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
+    assert columns(report_table(mnist).splitlines()[0]) == today
+    mixed = columns(report_table(mnist + [dirs[2]]).splitlines()[0])
+    assert mixed == today[:5] + ["final L2 error", "best L2 error"] + today[5:]
+
+
+def test_plot_runs_main_metric_and_gradient_evaluations(tmp_path):
+    dirs = make_other_runs(tmp_path)
+    fig = plot_runs([dirs[2]], tmp_path / "pinn.png")  # has grad_evals: three rows
+    assert [ax.get_ylabel() for ax in fig.axes] == ["L2 error", "loss"] * 3
+    assert [ax.get_xlabel() for ax in fig.axes[::2]] == ["epoch", "wall time s",
+                                                         "gradient evaluations"]
+    assert fig.axes[0].get_yscale() == "log"
+    (line,) = fig.axes[0].lines
+    assert np.array_equal(line.get_ydata(), [0.9, 0.2, 0.05, 0.08, 0.04])
+    (line,) = fig.axes[4].lines
+    assert np.array_equal(line.get_xdata(), [10, 25, 45, 70, 100])
+
+    fig = plot_runs(dirs[:2], tmp_path / "lm.png")  # no grad_evals: two rows
+    assert [ax.get_ylabel() for ax in fig.axes] == ["val loss", "loss"] * 2
+    assert list(fig.axes[0].lines[1].get_ydata()) == [3.1, 2.6, 2.65, 2.7, 2.75]
+
+    mnist_root = tmp_path / "mnist"
+    mnist_root.mkdir()
+    mnist, written = make_runs(mnist_root)
+    fig = plot_runs(mnist, tmp_path / "mnist.png")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["test accuracy %", "loss"] * 3
+    assert fig.axes[0].get_yscale() == "linear"
+    ydata = fig.axes[0].lines[2].get_ydata()
+    assert np.allclose(ydata, 100 * written[2]["test_accuracy"], rtol=1e-15, atol=0)
+    assert len(fig.axes[4].lines) == 2  # Adam's run has no grad_evals

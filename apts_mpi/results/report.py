@@ -1,0 +1,315 @@
+"""The report over run folders: summary rows, a table formatter, the figure.
+
+A run folder holds ``metrics.h5`` (:mod:`apts_mpi.results.metrics`, whose docstring lists the
+series read here).  :func:`summarize_runs` groups runs that differ only in seed and gives the
+numbers; :func:`report_table` prints them; :func:`format_table` is the one table formatter of the
+package (plain aligned text or Markdown), used by the benchmarks and the reproduction scripts too;
+:func:`plot_runs` draws the curves of every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_write
+from .metrics import METRICS_FILE, read_metrics
+
+__all__ = ["summarize_runs", "report_table", "format_table", "plot_runs"]
+
+
+def format_table(header: list, rows: list, style: str = "plain") -> str:
+    """One table from a header and rows of cells (each cell a ``str``).
+
+    ``style="plain"``: columns padded to their widest cell and separated by two spaces, the first
+    left-aligned and the others right-aligned, a rule of dashes under the header, a final newline.
+    ``style="markdown"``: ``| a | b |`` lines with a ``|---|`` separator row, no padding and no final
+    newline.  Raises ``ValueError`` for an unknown style or a row whose length differs from the
+    header's.
+    """
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"format_table: row {i} has {len(row)} cells, the header "
+                             f"{len(header)}")
+    if style == "markdown":
+        def md(cells):
+            return "| " + " | ".join(cells) + " |"
+        return "\n".join([md(header), "|" + "---|" * len(header)] + [md(r) for r in rows])
+    if style != "plain":
+        raise ValueError(f"format_table: unknown style {style!r} (plain or markdown)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule] + [line(r) for r in rows]) + "\n"
+
+
+# The per-epoch quality measures a problem may report, in order of precedence for the figure:
+# (series, summary-key stem, table column and axis label, higher is better, table format).
+_QUALITY = (("test_accuracy", "test_acc", "test acc %", True, ".2f"),    # classification
+            ("val_loss", "val_loss", "val loss", False, ".4g"),         # language model
+            ("l2_error", "l2_error", "L2 error", False, ".4g"))         # PINN
+_COUNTERS = ("seconds", "loss_evals", "grad_evals", "accepted", "rejected", "nonfinite")
+_SUMMARY_KEYS = ("epochs",
+                 *(f"{end}_{stem}" for _, stem, *_ in _QUALITY for end in ("final", "best")),
+                 "final_loss", *_COUNTERS)
+
+
+def _metrics_path(run_dir) -> Path:
+    p = Path(run_dir)
+    return p if p.is_file() else p / METRICS_FILE
+
+
+def _run_name(run_dir) -> str:
+    p = Path(run_dir)
+    return (p.parent if p.is_file() else p).resolve().name
+
+
+def _accuracy_percent(acc: np.ndarray) -> np.ndarray:
+    acc = np.asarray(acc, dtype=np.float64)
+    finite = acc[np.isfinite(acc)]
+    return acc if finite.size and finite.max() > 1.0 else 100.0 * acc
+
+
+def _without_seed(value):
+    if isinstance(value, dict):
+        return {k: _without_seed(v) for k, v in value.items() if k != "seed"}
+    if isinstance(value, list):
+        return [_without_seed(v) for v in value]
+    return value
+
+
+def _quality_series(epochs: dict, series: str):
+    """The epoch series ``series`` as float64 (test accuracy in percent), or None if absent."""
+    values = epochs.get(series)
+    if values is None or not len(values):
+        return None
+    return _accuracy_percent(values) if series == "test_accuracy" else np.asarray(values, float)
+
+
+def _run_values(epochs: dict) -> dict:
+    def last(name):
+        s = epochs.get(name)
+        return float(s[-1]) if s is not None and len(s) else None
+
+    out = {"epochs": last("epoch")}
+    for series, stem, _, higher, _ in _QUALITY:
+        values = _quality_series(epochs, series)
+        best = None
+        if values is not None:
+            best = (float((np.nanmax if higher else np.nanmin)(values))
+                    if np.isfinite(values).any() else float("nan"))
+        out[f"final_{stem}"] = None if values is None else float(values[-1])
+        out[f"best_{stem}"] = best
+    out["final_loss"] = last("loss")
+    out |= {name: last(name) for name in _COUNTERS}
+    return out
+
+
+def _short_name(names: list) -> str:
+    stripped = [re.sub(r"(?i)[_\-.]?seed[_\-=]?\d+", "", n) or n for n in names]
+    if len(set(stripped)) == 1:
+        return stripped[0]
+    return os.path.commonprefix(stripped).rstrip("_-. ") or stripped[0]
+
+
+def summarize_runs(run_dirs: list) -> list:
+    """Group runs that differ only in seed and summarise each group; the numbers behind the table.
+
+    The group key is the run's ``method``, ``subdomains``, ``world_size``, ``device`` and
+    ``config`` with every key named ``seed`` removed at any depth; a run without ``config`` is a
+    group of its own.  Returns one dict per group in order of first appearance: ``label``,
+    ``runs`` (paths), ``seeds``, ``n``, ``values`` (per summary key, the per-run values present),
+    ``mean`` and ``std`` (sample standard deviation, ``ddof=1``; NaN for one run; ``None`` when no
+    run has the series).  Summary keys: epochs; final_test_acc and best_test_acc (percent, best
+    is the largest), final_val_loss and best_val_loss, final_l2_error and best_l2_error (best is
+    the smallest; NaN entries are skipped, NaN when all are); final_loss; seconds, loss_evals,
+    grad_evals, accepted, rejected, nonfinite (last values).
+    """
+    groups: dict = {}
+    for run_dir in run_dirs:
+        _, epochs, attrs = read_metrics(_metrics_path(run_dir))
+        config = attrs.get("config")
+        if isinstance(config, str):
+            with contextlib.suppress(ValueError):
+                config = json.loads(config)
+        if config is None:
+            key = json.dumps({"run": str(Path(run_dir).resolve())})
+        else:
+            key = json.dumps({"config": _without_seed(config), "method": attrs.get("method"),
+                              "subdomains": attrs.get("subdomains"),
+                              "world_size": attrs.get("world_size"),
+                              "device": attrs.get("device")}, sort_keys=True, default=str)
+        g = groups.setdefault(key, {"key": key, "runs": [], "seeds": [], "names": [], "per_run": [],
+                                    "method": attrs.get("method"),
+                                    "subdomains": attrs.get("subdomains")})
+        g["runs"].append(str(run_dir))
+        g["seeds"].append(attrs.get("seed"))
+        g["names"].append(_run_name(run_dir))
+        g["per_run"].append(_run_values(epochs))
+
+    rows = []
+    for g in groups.values():
+        method = g["method"] if g["method"] is not None else "?"
+        n_sub = f" N={g['subdomains']}" if g["subdomains"] is not None else ""
+        row = {"label": f"{method}{n_sub} {_short_name(g['names'])}", "key": g["key"],
+               "runs": g["runs"], "seeds": g["seeds"], "n": len(g["runs"]),
+               "values": {}, "mean": {}, "std": {}}
+        for name in _SUMMARY_KEYS:
+            vals = np.array([r[name] for r in g["per_run"] if r[name] is not None], dtype=float)
+            row["values"][name] = vals
+            if vals.size == 0:
+                row["mean"][name] = row["std"][name] = None
+            else:
+                row["mean"][name] = float(np.mean(vals))
+                row["std"][name] = float(np.std(vals, ddof=1)) if vals.size > 1 else float("nan")
+        rows.append(row)
+    labels = [r["label"] for r in rows]
+    for r in rows:
+        if labels.count(r["label"]) > 1:
+            r["label"] += f" [{hashlib.sha256(r['key'].encode()).hexdigest()[:6]}]"
+    return rows
+
+
+def _fmt(row: dict, name: str, spec: str) -> str:
+    mean, std = row["mean"][name], row["std"][name]
+    if mean is None:
+        return ""
+    if row["values"][name].size < 2 or math.isnan(std):
+        return format(mean, spec)
+    return f"{format(mean, spec)} +- {format(std, spec)}"
+
+
+def _quality_shown(rows: list) -> list:
+    """The entries of ``_QUALITY`` the table shows: those some run has.  Test accuracy is also
+    shown when no run has any of them, so such a table keeps its (blank) accuracy columns."""
+    shown = [q for q in _QUALITY if any(r["mean"][f"final_{q[1]}"] is not None for r in rows)]
+    return shown or [_QUALITY[0]]
+
+
+def report_table(run_dirs: list) -> str:
+    """A plain-text table, one row per group of runs differing only in seed (see summarize_runs).
+
+    Columns: run (method, N, short folder name), seeds, epochs, then the final and best value of
+    each quality measure some run has (test accuracy %, validation loss, L2 error; test accuracy
+    also when none is present, as blank cells), final loss, wall time s, loss/grad evals,
+    accepted/rejected, rejections of a non-finite trial (``nonfinite``); a group of several seeds
+    shows ``mean +- std``.  A missing series leaves its cell blank ('-' for half of a pair cell).
+    Raises ``ResultsError`` for an unreadable metrics file.
+    """
+    rows = summarize_runs(run_dirs)
+    quality = _quality_shown(rows)
+    header = ["run", "seeds", "epochs"]
+    for _, _, label, _, _ in quality:
+        header += [f"final {label}", f"best {label}"]
+    header += ["final loss", "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
+    table = []
+    for row in rows:
+        ep = row["values"]["epochs"]
+        if ep.size and np.all(ep == ep[0]):
+            epochs = format(ep[0], "g")
+        else:
+            epochs = _fmt(row, "epochs", ".1f")
+
+        def pair(a, b):
+            x, y = _fmt(row, a, ".0f"), _fmt(row, b, ".0f")
+            return f"{x or '-'} / {y or '-'}" if (x or y) else ""
+
+        cells = [row["label"], str(row["n"]), epochs]
+        for _, stem, _, _, spec in quality:
+            cells += [_fmt(row, f"final_{stem}", spec), _fmt(row, f"best_{stem}", spec)]
+        table.append(cells + [_fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
+                              pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
+                              _fmt(row, "nonfinite", ".0f")])
+    return format_table(header, table)
+
+
+def plot_runs(run_dirs: list, out):
+    """Plot every run (not grouped) into a figure written atomically to ``out``; returns the figure.
+
+    Columns: the problem's main metric (the first of test accuracy %, validation loss, L2 error
+    that some run has; log y for the losses) and the training loss (log y).  Rows: against epoch,
+    against wall time s and, when some run has ``grad_evals``, against cumulative gradient
+    evaluations.  One line per run labelled method, N, seed and folder, one legend for the
+    figure.  The format follows ``out``'s extension (png, pdf, or any other matplotlib writes);
+    uses the Agg canvas without touching pyplot's global backend.  Raises ``ValueError`` for no
+    runs or an unknown extension, ``ResultsError`` for an unreadable metrics file.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not run_dirs:
+        raise ValueError("plot_runs: no runs to plot")
+    out = os.fspath(out)
+    fmt = os.path.splitext(out)[1].lstrip(".").lower()
+    fig = Figure(figsize=(13, 8), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    if fmt not in canvas.get_supported_filetypes():
+        raise ValueError(f"{out}: unsupported figure format {fmt!r}; "
+                         f"use one of {sorted(canvas.get_supported_filetypes())}")
+    runs = []
+    for run_dir in run_dirs:
+        _, ep, attrs = read_metrics(_metrics_path(run_dir))
+        runs.append((run_dir, ep, attrs))
+    main = next((q for q in _QUALITY
+                 if any(_quality_series(ep, q[0]) is not None for _, ep, _ in runs)), _QUALITY[0])
+    main_series, main_label, main_log = main[0], ("test accuracy %" if main is _QUALITY[0]
+                                                  else main[2]), not main[3]
+    x_axes = [("epoch", "epoch"), ("seconds", "wall time s")]
+    if any("grad_evals" in ep and len(ep["grad_evals"]) for _, ep, _ in runs):
+        x_axes.append(("grad_evals", "gradient evaluations"))
+    axes = fig.subplots(len(x_axes), 2, squeeze=False)
+    handles = {}
+    for i, (run_dir, ep, attrs) in enumerate(runs):
+        parts = [str(attrs.get("method", "?"))]
+        if attrs.get("subdomains") is not None:
+            parts.append(f"N={attrs['subdomains']}")
+        if attrs.get("seed") is not None:
+            parts.append(f"seed={attrs['seed']}")
+        parts.append(_run_name(run_dir))
+        label = " ".join(parts)
+        style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
+                 "marker": ".", "markersize": 4, "label": label}
+        n = max((len(v) for v in ep.values()), default=0)
+        xs = {"epoch": ep.get("epoch", np.arange(n)), "seconds": ep.get("seconds"),
+              "grad_evals": ep.get("grad_evals")}
+        ys = (_quality_series(ep, main_series), ep.get("loss"))
+        for (x_name, _), ax_row in zip(x_axes, axes):
+            x = xs[x_name]
+            for ax, y in zip(ax_row, ys):
+                if x is not None and y is not None and len(y):
+                    (h,) = ax.plot(x, y, **style)
+                    handles.setdefault(label, h)
+    for (x_name, xlabel), (ax_main, ax_loss) in zip(x_axes, axes):
+        for ax, ylabel, log in ((ax_main, main_label, main_log), (ax_loss, "loss", True)):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if x_name == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if log and any(np.any(np.asarray(line.get_ydata(), dtype=float) > 0)
+                           for line in ax.lines):
+                ax.set_yscale("log")
+    fig.subplots_adjust(left=0.06, right=0.74, bottom=0.07, top=0.97, wspace=0.25,
+                        hspace=0.25 if len(x_axes) == 2 else 0.45)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center left",
+                   bbox_to_anchor=(0.755, 0.5), fontsize="small", frameon=False)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fig.savefig(fh, format=fmt)
+            fh.flush()
+
+    atomic_write(out, write)
+    return fig
