@@ -15,6 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,14 +54,23 @@ def format_table(header: list, rows: list, style: str = "plain") -> str:
     return "\n".join([line(header), rule] + [line(r) for r in rows]) + "\n"
 
 
-# The per-epoch quality measures a problem may report, in order of precedence for the figure:
-# (series, summary-key stem, table column and axis label, higher is better, table format).
-_QUALITY = (("test_accuracy", "test_acc", "test acc %", True, ".2f"),    # classification
-            ("val_loss", "val_loss", "val loss", False, ".4g"),         # language model
-            ("l2_error", "l2_error", "L2 error", False, ".4g"))         # PINN
+class _Measure(NamedTuple):
+    """A per-epoch quality measure a problem may report."""
+
+    series: str      # epoch series in metrics.h5
+    stem: str        # summary keys final_<stem>, best_<stem>
+    label: str       # table column "final <label>" / "best <label>"
+    axis: str        # figure axis label
+    higher: bool     # higher is better (best = max), else best = min; the figure uses log y if not
+    spec: str        # table number format
+
+
+# In order of precedence for the figure's main metric.
+_QUALITY = (_Measure("test_accuracy", "test_acc", "test acc %", "test accuracy %", True, ".2f"),
+            _Measure("val_loss", "val_loss", "val loss", "val loss", False, ".4g"),  # language model
+            _Measure("l2_error", "l2_error", "L2 error", "L2 error", False, ".4g"))  # PINN
 _COUNTERS = ("seconds", "loss_evals", "grad_evals", "accepted", "rejected", "nonfinite")
-_SUMMARY_KEYS = ("epochs",
-                 *(f"{end}_{stem}" for _, stem, *_ in _QUALITY for end in ("final", "best")),
+_SUMMARY_KEYS = ("epochs", *(f"{end}_{q.stem}" for q in _QUALITY for end in ("final", "best")),
                  "final_loss", *_COUNTERS)
 
 
@@ -102,14 +112,14 @@ def _run_values(epochs: dict) -> dict:
         return float(s[-1]) if s is not None and len(s) else None
 
     out = {"epochs": last("epoch")}
-    for series, stem, _, higher, _ in _QUALITY:
-        values = _quality_series(epochs, series)
+    for q in _QUALITY:
+        values = _quality_series(epochs, q.series)
         best = None
         if values is not None:
-            best = (float((np.nanmax if higher else np.nanmin)(values))
+            best = (float((np.nanmax if q.higher else np.nanmin)(values))
                     if np.isfinite(values).any() else float("nan"))
-        out[f"final_{stem}"] = None if values is None else float(values[-1])
-        out[f"best_{stem}"] = best
+        out[f"final_{q.stem}"] = None if values is None else float(values[-1])
+        out[f"best_{q.stem}"] = best
     out["final_loss"] = last("loss")
     out |= {name: last(name) for name in _COUNTERS}
     return out
@@ -192,7 +202,7 @@ def _fmt(row: dict, name: str, spec: str) -> str:
 def _quality_shown(rows: list) -> list:
     """The entries of ``_QUALITY`` the table shows: those some run has.  Test accuracy is also
     shown when no run has any of them, so such a table keeps its (blank) accuracy columns."""
-    shown = [q for q in _QUALITY if any(r["mean"][f"final_{q[1]}"] is not None for r in rows)]
+    shown = [q for q in _QUALITY if any(r["mean"][f"final_{q.stem}"] is not None for r in rows)]
     return shown or [_QUALITY[0]]
 
 
@@ -209,8 +219,8 @@ def report_table(run_dirs: list) -> str:
     rows = summarize_runs(run_dirs)
     quality = _quality_shown(rows)
     header = ["run", "seeds", "epochs"]
-    for _, _, label, _, _ in quality:
-        header += [f"final {label}", f"best {label}"]
+    for q in quality:
+        header += [f"final {q.label}", f"best {q.label}"]
     header += ["final loss", "wall time s", "loss/grad evals", "accepted/rejected", "non-finite"]
     table = []
     for row in rows:
@@ -225,8 +235,8 @@ def report_table(run_dirs: list) -> str:
             return f"{x or '-'} / {y or '-'}" if (x or y) else ""
 
         cells = [row["label"], str(row["n"]), epochs]
-        for _, stem, _, _, spec in quality:
-            cells += [_fmt(row, f"final_{stem}", spec), _fmt(row, f"best_{stem}", spec)]
+        for q in quality:
+            cells += [_fmt(row, f"final_{q.stem}", q.spec), _fmt(row, f"best_{q.stem}", q.spec)]
         table.append(cells + [_fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
                               pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
                               _fmt(row, "nonfinite", ".0f")])
@@ -262,9 +272,8 @@ def plot_runs(run_dirs: list, out):
         _, ep, attrs = read_metrics(_metrics_path(run_dir))
         runs.append((run_dir, ep, attrs))
     main = next((q for q in _QUALITY
-                 if any(_quality_series(ep, q[0]) is not None for _, ep, _ in runs)), _QUALITY[0])
-    main_series, main_label, main_log = main[0], ("test accuracy %" if main is _QUALITY[0]
-                                                  else main[2]), not main[3]
+                 if any(_quality_series(ep, q.series) is not None for _, ep, _ in runs)),
+                _QUALITY[0])
     x_axes = [("epoch", "epoch"), ("seconds", "wall time s")]
     if any("grad_evals" in ep and len(ep["grad_evals"]) for _, ep, _ in runs):
         x_axes.append(("grad_evals", "gradient evaluations"))
@@ -283,7 +292,7 @@ def plot_runs(run_dirs: list, out):
         n = max((len(v) for v in ep.values()), default=0)
         xs = {"epoch": ep.get("epoch", np.arange(n)), "seconds": ep.get("seconds"),
               "grad_evals": ep.get("grad_evals")}
-        ys = (_quality_series(ep, main_series), ep.get("loss"))
+        ys = (_quality_series(ep, main.series), ep.get("loss"))
         for (x_name, _), ax_row in zip(x_axes, axes):
             x = xs[x_name]
             for ax, y in zip(ax_row, ys):
@@ -291,7 +300,7 @@ def plot_runs(run_dirs: list, out):
                     (h,) = ax.plot(x, y, **style)
                     handles.setdefault(label, h)
     for (x_name, xlabel), (ax_main, ax_loss) in zip(x_axes, axes):
-        for ax, ylabel, log in ((ax_main, main_label, main_log), (ax_loss, "loss", True)):
+        for ax, ylabel, log in ((ax_main, main.axis, not main.higher), (ax_loss, "loss", True)):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
