@@ -141,7 +141,8 @@ def parser():
     r = sub.add_parser("report", help="table of final/best accuracy, loss, time, evaluations")
     r.add_argument("runs", nargs="+")
     r.set_defaults(func=_cmd_report)
-    f = sub.add_parser("plot", help="accuracy and loss against epochs and seconds")
+    f = sub.add_parser("plot", help="the main metric (accuracy, validation loss or L2 error) and the "
+                                    "loss against epochs, seconds and gradient evaluations")
     f.add_argument("runs", nargs="+")
     f.add_argument("--out", required=True)
     f.set_defaults(func=_cmd_plot)

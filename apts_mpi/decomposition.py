@@ -1,6 +1,6 @@
 """Parameter decomposition: subdomains as lists of (tensor, slice) pieces of a model.
 
-A :class:`Subdomain` is R_d of apts-method.md section 2, never formed as a matrix: it gathers the
+A :class:`Subdomain` is R_d of docs/method.md section 2, never formed as a matrix: it gathers the
 coordinates it owns from the parameters (or their gradients) into a flat vector and writes a flat
 vector back.  :func:`decompose` implements the three strategies:
 
