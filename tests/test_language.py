@@ -146,11 +146,12 @@ def test_metrics_against_direct_computation(tmp_path):
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-12)
     assert model.training
     # three ranks: the parts of the sums add up to the serial sums
-    comms = [PartComm(r, 3) for r in range(3)]
-    for c in comms:
-        p.evaluate(model, c)
-    summed = [sum(c.values[i] for c in comms) for i in range(2)]
-    assert summed == pytest.approx([train_sum, val_sum], rel=1e-12)
+    for size in (3, 10):  # 10 ranks: more than the validation windows
+        comms = [PartComm(r, size) for r in range(size)]
+        for c in comms:
+            p.evaluate(model, c)
+        summed = [sum(c.values[i] for c in comms) for i in range(2)]
+        assert summed == pytest.approx([train_sum, val_sum], rel=1e-12)
 
 
 def test_adam_lowers_the_loss_and_samples(tmp_path):

@@ -23,6 +23,8 @@ window sees little context, so this is higher than a sliding-window evaluation.
 ``train_loss``: the same over a fixed, evenly spaced subset of the training windows, as many as the
 validation split has full windows (the whole split would cost nine validation passes).
 ``val_perplexity``: ``exp(val_loss)``.
+Evaluation runs ``data.test_batch_size`` windows per forward pass: set it to a few hundred (256
+keeps ``gpt-shakespeare``'s activations to a few hundred MB; 10,000 would need several GB).
 
 Networks (``GPT``, an ``nn.Sequential`` of an embedding block, transformer blocks and a head, so
 that APTS's balanced decomposition cuts it between whole blocks and caches a frozen prefix):
@@ -51,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
 from ..data import DataError, data_root
 from ..objective import SampleLoss
 from .base import Problem
@@ -176,6 +177,7 @@ class LanguageProblem(Problem):
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
+        from ..config import ConfigError  # here: the config module may import the problems
         name = cfg["model"]["name"]
         if name not in GPT_SIZES:
             raise ConfigError(f"model.name: must be one of {', '.join(GPT_SIZES)} for "
@@ -221,7 +223,7 @@ class LanguageProblem(Problem):
     def _summed_loss(self, model, tokens, starts, length):
         """Sum of the per-character losses (nats) of windows ``tokens[s : s + length + 1]``."""
         total = 0.0
-        step = self.cfg["data"]["test_batch_size"]
+        step = self.cfg["data"]["test_batch_size"]  # windows per forward pass
         offsets = torch.arange(length + 1, device=self.device)
         for i in range(0, len(starts), step):
             w = tokens[starts[i:i + step].to(self.device)[:, None] + offsets]

@@ -32,11 +32,11 @@ import math
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..objective import Objective
 from .base import Problem
 
 GRID = 101
+N_INTERIOR, N_BOUNDARY = 1000, 80  # the authors' numbers of collocation points
 MLP_HIDDEN = {"pinn-mlp": (20,) * 8}
 
 
@@ -106,19 +106,20 @@ class PoissonProblem(Problem):
     """The 2-D Poisson PINN (module docstring)."""
 
     datasets = ("poisson2d",)
-    data_keys = {"interior_points": (1000, int, (lambda v: v >= 1, ">= 1")),
-                 "boundary_points": (80, int, (lambda v: v >= 4, ">= 4"))}
+    data_keys = {"interior_points": (N_INTERIOR, int, (lambda v: v >= 1, ">= 1")),
+                 "boundary_points": (N_BOUNDARY, int, (lambda v: v >= 4, ">= 4"))}
     models = tuple(MLP_HIDDEN)
     metrics = ("l2_error", "pde_loss", "boundary_loss")
     target = ("l2_error", "min")
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
+        from ..config import ConfigError  # here: the config module may import the problems
         if cfg["model"]["name"] not in MLP_HIDDEN:
             raise ConfigError(f"model.name: must be one of {', '.join(MLP_HIDDEN)} for poisson2d, "
                               f"got {cfg['model']['name']!r}")
-        n_i = cfg["data"].get("interior_points", 1000)
-        n_b = cfg["data"].get("boundary_points", 80)
+        n_i = cfg["data"].get("interior_points", N_INTERIOR)
+        n_b = cfg["data"].get("boundary_points", N_BOUNDARY)
         generator = torch.Generator().manual_seed(cfg["seed"])
         interior = torch.rand(n_i, 2, generator=generator, dtype=torch.float64)
         self.points = torch.cat([interior, boundary_points(n_b)]).to(device, dtype)
