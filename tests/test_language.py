@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from apts_mpi.config import ConfigError
 from apts_mpi.data import DataError
-from apts_mpi.problems.language import GPT, GPT_SIZES, LanguageProblem
+from apts_mpi.problems.language import GPT_SIZES, LanguageProblem, gpt
 
 TEXT = "".join(f"line {i}: to be, or not to be? {'ABCxyz'[i % 6]}\n" for i in range(12))
 
@@ -86,7 +86,7 @@ def test_bad_data_and_config(tmp_path):
 def test_parameter_counts_and_shapes(name):
     layers, heads, width, context = GPT_SIZES[name]
     torch.manual_seed(0)
-    model = GPT(65, layers, heads, width, context)
+    model = gpt(65, layers, heads, width, context)
     count = sum(p.numel() for p in model.parameters())
     print(f"{name}: {count:,} parameters (65 characters)")
     assert count == hand_count(65, layers, width, context)
@@ -96,11 +96,16 @@ def test_parameter_counts_and_shapes(name):
     assert model(ids[:, :5]).shape == (2, 5, 65)
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, context + 1, dtype=torch.int64))
+    # APTS runs a frozen prefix once and the rest per evaluation: slices compose to the whole
+    with torch.no_grad():
+        for k in (1, layers + 1):
+            assert type(model[k:]) is torch.nn.Sequential
+            torch.testing.assert_close(model[k:](model[:k](ids)), model(ids), rtol=0, atol=0)
 
 
 def test_gpt_is_causal():
     torch.manual_seed(0)
-    model = GPT(11, 2, 2, 16, 12).double()
+    model = gpt(11, 2, 2, 16, 12).double()
     ids = torch.randint(0, 11, (3, 12))
     changed = ids.clone()
     changed[:, 7] = (ids[:, 7] + 1) % 11

@@ -26,7 +26,7 @@ validation split has full windows (the whole split would cost nine validation pa
 Evaluation runs ``data.test_batch_size`` windows per forward pass: set it to a few hundred (256
 keeps ``gpt-shakespeare``'s activations to a few hundred MB; 10,000 would need several GB).
 
-Networks (``GPT``, an ``nn.Sequential`` of an embedding block, transformer blocks and a head, so
+Networks (:func:`gpt`, an ``nn.Sequential`` of an embedding block, transformer blocks and a head, so
 that APTS's balanced decomposition cuts it between whole blocks and caches a frozen prefix):
 
 =====================  ======  =====  =====  =======  =================================
@@ -128,27 +128,29 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-class GPT(nn.Sequential):
-    """Decoder-only transformer ``(b, t)`` ids -> ``(b, t, vocab)`` logits, ``t <= context``."""
+def gpt(vocab: int, layers: int, heads: int, width: int, context: int) -> nn.Sequential:
+    """Decoder-only transformer ``(b, t)`` ids -> ``(b, t, vocab)`` logits, ``t <= context``.
 
-    def __init__(self, vocab: int, layers: int, heads: int, width: int, context: int):
-        super().__init__(Embedding(vocab, width, context),
-                         *(Block(width, heads) for _ in range(layers)),
-                         Head(width, vocab))
-        self.context = context
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln" in name:
-                nn.init.ones_(p)
-            elif name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers))  # residual projections
-            else:
-                nn.init.normal_(p, 0.0, 0.02)
+    A plain ``nn.Sequential`` (not a subclass: slicing it, as APTS does to run a frozen prefix
+    once, builds a new ``nn.Sequential`` of the same class from the sliced modules).
+    """
+    model = nn.Sequential(Embedding(vocab, width, context),
+                          *(Block(width, heads) for _ in range(layers)),
+                          Head(width, vocab))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif ".ln" in name:
+            nn.init.ones_(p)
+        elif name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers))  # residual projections
+        else:
+            nn.init.normal_(p, 0.0, 0.02)
+    return model
 
 
 def gpt_parameter_count(vocab: int, layers: int, width: int, context: int) -> int:
-    """Hand count of :class:`GPT`'s parameters (see the module docstring)."""
+    """Hand count of the parameters of :func:`gpt` (see the module docstring)."""
     d = width
     return 2 * vocab * d + context * d + 2 * d + layers * (12 * d * d + 13 * d)
 
@@ -213,7 +215,7 @@ class LanguageProblem(Problem):
 
     def build_model(self):
         layers, heads, width, context = GPT_SIZES[self.cfg["model"]["name"]]
-        return GPT(self.vocab, layers, heads, width, context).to(self.device, self.dtype)
+        return gpt(self.vocab, layers, heads, width, context).to(self.device, self.dtype)
 
     def batch(self, indices):
         starts = indices.to(self.device, torch.int64) * self.context
