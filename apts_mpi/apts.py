@@ -45,6 +45,7 @@ import torch
 
 from .comm import BufferSync, Comm
 from .decomposition import STRATEGIES, Subdomain, decompose
+from .objective import as_objective, batch_size, chunks, share
 from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
 
 ACCEPTANCE = ("ratio", "none", "nonmonotone")
@@ -86,9 +87,11 @@ def _positive_int(name, value, minimum=1):
 class APTS:
     """Additively Preconditioned Trust-region Strategy across the ranks of ``comm``.
 
-    ``APTS(model, loss_fn, comm, **keywords)``; ``step(inputs, targets) -> loss`` runs one iteration
-    on the minibatch (the same on every rank) and returns the loss at the new iterate.  ``loss_fn``
-    is a mean over samples (like ``cross_entropy``).  ``comm`` is an mpi4py communicator
+    ``APTS(model, objective, comm, **keywords)``; ``step(*batch) -> loss`` runs one iteration on the
+    minibatch (the same on every rank; ``step(x, y)`` or ``step((x, y))``, any number of tensors
+    sharing dim 0) and returns the loss at the new iterate.  ``objective`` is an
+    :class:`~apts_mpi.objective.Objective` or a mean loss ``loss_fn(output, target)`` (like
+    ``cross_entropy``, wrapped in ``SampleLoss``).  ``comm`` is an mpi4py communicator
     (default ``COMM_SELF``: serial emulation).
 
     Keywords (validated): the TrustRegion radius keywords ``radius``, ``max_radius``,
@@ -97,17 +100,18 @@ class APTS:
     ``local_iters=5``, ``local_fraction=1.0``, ``local_model`` ("first-order", "lsr1", "lbfgs"),
     ``memory=5``, ``acceptance`` ("ratio", "none", "nonmonotone"), ``window=5``, ``global_iters=1``
     (0: no global pass), ``global_model="first-order"``, ``foc=False``, ``seed=0``, ``replicas=1``,
-    ``step="cauchy"``.  ``report`` holds the :class:`IterationReport` of the last iteration.
+    ``step="cauchy"``, ``micro_batch=None``.  ``report`` holds the :class:`IterationReport` of the
+    last iteration, ``record()`` its row of the per-iteration series.
 
     Raises ValueError for a bad keyword or a world size that does not match subdomains * replicas.
     """
 
-    def __init__(self, model, loss_fn, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
+    def __init__(self, model, objective, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
                  eta1=0.25, eta2=0.75, decrease=0.5, increase=2.0, norm="inf", step="cauchy",
                  subdomains=None, decomposition="balanced", local_iters=5, local_fraction=1.0,
                  local_model="first-order", memory=5, acceptance="ratio", window=5, global_iters=1,
                  global_model="first-order", foc=False, seed=0, replicas=1, micro_batch=None):
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world = self.comm.size
         self.replicas = _positive_int("replicas", replicas)
@@ -167,7 +171,10 @@ class APTS:
 
         kw = dict(dtype=self.whole.dtype, device=self.whole.device)
         n = self.whole.numel
+        self.theta = torch.empty(n, **kw)        # theta_k, restored bitwise after a rejection
         self.correction = torch.zeros(n, **kw)   # s
+        # the gradient at the trial point, handed to the global pass after an acceptance
+        self.trial_grad = torch.empty(n, **kw) if self.global_iters else None
         self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
         self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
         self.foc_term = torch.zeros(n, **kw) if self.foc else None
@@ -181,32 +188,27 @@ class APTS:
         self.freeze_others = self.cache_prefix = True
 
     # -- evaluations ------------------------------------------------------------------------------
-    def _share(self, n_samples, rank, size):
-        return slice(n_samples * rank // size, n_samples * (rank + 1) // size)
+    def _shared_evaluate(self, part, comm: Comm, subdomain: Subdomain, grad_out=None, net=None,
+                         B=None):
+        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s ranks.
 
-    def _shared_evaluate(self, inputs, targets, comm: Comm, subdomain: Subdomain, grad_out=None,
-                         net=None, presliced=False, B=None):
-        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s shares of B.
-
-        ``net`` replaces the model (the part after a cached prefix); with ``presliced`` the inputs
-        and targets are already this rank's share of a minibatch of ``B`` samples.
+        ``part`` is this rank's share of a minibatch of ``B`` samples (None: ``part`` is the whole
+        minibatch and this rank takes its share of it here); ``net`` replaces the model (the part
+        after a cached prefix).  ``grad_out=None``: the loss only.
         """
-        if not presliced:
-            B = len(targets)
-            share = self._share(B, comm.rank, comm.size)
-            inputs, targets = inputs[share], targets[share]
+        if B is None:
+            B = batch_size(part)
+            part = share(part, comm.rank, comm.size)
         grad = grad_out is not None
         if grad:
             self.model.zero_grad(set_to_none=False)
         loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
-        chunk = self.micro_batch or max(len(targets), 1)
-        for start in range(0, len(targets), chunk):  # gradients accumulate over the chunks
-            x, y = inputs[start:start + chunk], targets[start:start + chunk]
+        for piece in chunks(part, self.micro_batch):  # gradients accumulate over the chunks
             with torch.set_grad_enabled(grad):
-                part = self.loss_fn((net or self.model)(x), y) * len(y)
+                term = self.objective(net or self.model, piece)
                 if grad:
-                    part.backward()
-            loss += part.detach()
+                    term.backward()
+            loss += term.detach()
         if not grad:
             return comm.sum_scalars([float(loss)])[0] / B
         m = subdomain.numel
@@ -220,7 +222,7 @@ class APTS:
     def _frozen_prefix(self, mine) -> int:
         """Leading layers of an ``nn.Sequential`` model that hold none of the parameters ``mine``:
         their output is constant during a local phase, so it is computed once, not per evaluation."""
-        if not isinstance(self.model, torch.nn.Sequential):
+        if not (self.objective.sequential_inputs and isinstance(self.model, torch.nn.Sequential)):
             return 0
         for i, layer in enumerate(self.model):
             if any(id(p) in mine for p in layer.parameters()):
@@ -245,7 +247,7 @@ class APTS:
             return bool(accept), rho, radius
         return wrapped
 
-    def _local_phase(self, d, core, inputs, targets, saved):
+    def _local_phase(self, d, core, batch, theta):
         """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
         sub = core.subdomain
         a, b = self.offsets[d], self.offsets[d + 1]
@@ -254,61 +256,69 @@ class APTS:
         for p in frozen:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
-            B, k = len(targets), self._frozen_prefix(mine) if self.cache_prefix else 0
-            share = self._share(B, self.group.rank, self.group.size)
-            x, y = inputs[share], targets[share]
+            B, k = batch_size(batch), self._frozen_prefix(mine) if self.cache_prefix else 0
+            part = share(batch, self.group.rank, self.group.size)
             net = self.model[k:] if k else self.model
-            if k:
-                x = self.model[:k](x)  # under no_grad (step): constant for this phase
+            if k:  # under no_grad (step): constant for this phase
+                part = (self.model[:k](part[0]), *part[1:])
 
-            def f_d(grad_out):
-                return self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
-                                             presliced=True, B=B)
+            def f_d(grad_out=None):
+                return self._shared_evaluate(part, self.group, sub, grad_out, net=net, B=B)
 
-            def with_foc(grad_out):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
+            def with_foc(grad_out=None):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
                 loss = f_d(grad_out)
-                u = sub.gather(self.foc_work[:b - a]).sub_(saved[a:b])
-                grad_out.add_(self.foc_term[a:b])
+                u = sub.gather(self.foc_work[:b - a]).sub_(theta[a:b])
+                if grad_out is not None:
+                    grad_out.add_(self.foc_term[a:b])
                 return loss + self.foc_term[a:b].dot(u)
 
-            loss0 = float(core.counted_evaluation(f_d, core.grad))  # f_d(0): the FOC term is 0 there
-            self.grad0[a:b].copy_(core.grad)
+            grad0 = self.grad0[a:b]
+            loss0 = float(f_d(grad0))  # f_d(0): the FOC term is 0 there
+            core.count_evaluation(loss=1, grad=1)
             if self.foc:
-                self.foc_term[a:b].sub_(core.grad)
-                core.grad.add_(self.foc_term[a:b])
-            core.radius = self.local_fraction * self.radius
+                self.foc_term[a:b].sub_(grad0)
+                core.set_gradient(torch.add(grad0, self.foc_term[a:b], out=self.foc_work[:b - a]))
+            else:
+                core.set_gradient(grad0)
+            core.set_radius(self.local_fraction * self.radius)
             loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
                             box=self.local_fraction * self.radius)
             self.correction[a:b].copy_(core.offset)
-            sub.scatter(saved[a:b])  # back to theta_k: every rank applies the same theta_k + s
+            sub.scatter(theta[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         return max(loss0 - loss, 0.0), loss0
 
     @torch.no_grad()
-    def step(self, inputs, targets) -> float:
-        """One APTS iteration on the minibatch (inputs, targets); returns the loss at the new iterate."""
+    def step(self, *batch) -> float:
+        """One APTS iteration on the minibatch; returns the loss at the new iterate.
+
+        ``step(x, y)`` or ``step((x, y))``: the tensors of the minibatch, sharing dim 0.
+        """
+        if len(batch) == 1 and isinstance(batch[0], (tuple, list)):
+            batch = batch[0]
+        batch = tuple(batch)
         t_start = time.perf_counter()
         comm, world = self.comm, self.comm.size
         def in_collectives():
             return comm.seconds + comm.waiting + self.group.seconds + self.group.waiting
         wait0, comm_s0 = comm.waiting + self.group.waiting, in_collectives()
         glob = self.global_core
-        saved = glob.saved
-        self.whole.gather(saved)  # theta_k
+        theta = self.theta
+        self.whole.gather(theta)  # theta_k
         r = IterationReport()
         before = {d: (c.counters.loss_evals, c.counters.grad_evals) for d, c in self.local.items()}
 
         if self.foc:
             self.model.zero_grad(set_to_none=False)
-            self._shared_evaluate(inputs, targets, comm, self.whole, self.foc_term)
+            self._shared_evaluate(batch, comm, self.whole, self.foc_term)
 
         # 2. local phase
         t0 = time.perf_counter()
         delta, loss0 = 0.0, math.nan
         for d, core in self.local.items():
-            delta_d, f0 = self._local_phase(d, core, inputs, targets, saved)
+            delta_d, f0 = self._local_phase(d, core, batch, theta)
             if self.comm.rank % self.replicas == 0:  # one replica reports delta_d
                 delta += delta_d
             if d == 0:
@@ -334,27 +344,27 @@ class APTS:
         t0 = time.perf_counter()
         ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
         need_grad = self.global_iters > 0
-        trial = float(self._shared_evaluate(inputs, targets, comm, self.whole,
-                                            glob.grad if need_grad else None))
-        glob.counters.loss_evals += 1
-        glob.counters.grad_evals += int(need_grad)
+        trial = float(self._shared_evaluate(batch, comm, self.whole, self.trial_grad))
+        glob.count_evaluation(loss=1, grad=int(need_grad))
         accept, rho, self.radius = self._broadcast_decision(self._decide)(loss0, trial, pred)
         if accept:
             if self.acceptance == "nonmonotone":
                 self.history.append(trial)
             loss = trial
+            gradient = self.trial_grad
         else:
-            self.whole.scatter(saved)
+            self.whole.scatter(theta)
             loss = loss0
+            gradient = self.grad0
             if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
-                glob.grad.copy_(self.grad0)
-                comm.allgatherv_(glob.grad, self.counts, self.displs)
+                comm.allgatherv_(self.grad0, self.counts, self.displs)
 
         # 5. global pass
         acc0, rej0 = glob.counters.accepted, glob.counters.rejected
         if self.global_iters:
-            glob.radius = self.radius
-            evaluate = lambda out: self._shared_evaluate(inputs, targets, comm, self.whole, out)
+            glob.set_gradient(gradient)
+            glob.set_radius(self.radius)
+            evaluate = lambda out=None: self._shared_evaluate(batch, comm, self.whole, out)
             loss = glob.run(evaluate, self.global_iters, loss=loss,
                             decide=self._broadcast_decision(glob.ratio_decision))
             self.radius = glob.radius
@@ -375,6 +385,17 @@ class APTS:
         self.report = r
         self.iteration += 1
         return loss
+
+    def record(self) -> dict:
+        """The last iteration's row of the per-iteration series (cumulative counts are the caller's)."""
+        r = self.report
+        return dict(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
+                    accepted=int(r.accepted), nonfinite=int(not math.isfinite(r.trial_loss)),
+                    step_inf=r.step_inf,
+                    loss_evals=r.local_loss_evals_total + r.global_loss_evals,
+                    grad_evals=r.local_grad_evals_total + r.global_grad_evals,
+                    seconds_local=r.seconds_local, seconds_comm=r.seconds_comm,
+                    seconds_global=r.seconds_global)
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

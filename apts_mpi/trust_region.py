@@ -241,6 +241,21 @@ class TrustRegionCore:
             self.counters.rho, self.counters.radius = rho, self.radius
         return loss
 
+    # -- what a driver that owns its iteration (APTS) may set and count ---------------------------
+    def count_evaluation(self, loss: int = 1, grad: int = 1) -> None:
+        """Count evaluations made outside :meth:`run` (by the caller's own closure) in ``counters``."""
+        self.counters.loss_evals += loss
+        self.counters.grad_evals += grad
+
+    def set_gradient(self, grad: torch.Tensor) -> None:
+        """Copy the gradient at the current point into the engine: the next ``run(..., loss=f)``
+        starts from it without evaluating again."""
+        self.grad.copy_(grad)
+
+    def set_radius(self, radius: float) -> None:
+        """The radius the next :meth:`run` starts from (e.g. a local budget, or the caller's own)."""
+        self.radius = float(radius)
+
 
 class TrustRegion(torch.optim.Optimizer):
     """Trust-region optimiser for PyTorch with ``step(closure)``; no learning rate.

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from apts_mpi import APTS, TrustRegion
+from apts_mpi.objective import Objective
 
 
 def problem(seed=0, dtype=torch.float64):
@@ -162,3 +163,43 @@ def test_micro_batches_give_the_same_iterates():
         assert a.report.accepted == b.report.accepted
         assert b.report.loss == pytest.approx(a.report.loss, rel=1e-13)
     torch.testing.assert_close(flat(chunked), flat(model), rtol=1e-12, atol=1e-14)
+
+
+class WeightedLoss(Objective):
+    """Cross-entropy weighted per sample by the batch's third tensor, as a sum over the part; it
+    declares no sequential inputs, so APTS must not cache a frozen prefix for it."""
+
+    def __call__(self, model, part):
+        x, y, w = part
+        return (w * torch.nn.functional.cross_entropy(model(x), y, reduction="none")).sum()
+
+
+def test_generic_minibatch_with_an_objective_matches_the_loss_function():
+    """A three-tensor minibatch with unit weights is the plain cross-entropy problem; the single
+    tuple form of step is the two-argument form."""
+    model, x, y = problem()
+    generic, _, _ = problem()
+    a = APTS(model, torch.nn.functional.cross_entropy, subdomains=3, radius=0.05, micro_batch=50)
+    b = APTS(generic, WeightedLoss(), subdomains=3, radius=0.05, micro_batch=50)
+    w = torch.ones(len(y), dtype=x.dtype)
+    for _ in range(4):
+        a.step((x, y))
+        b.step(x, y, w)
+        assert a.report.accepted == b.report.accepted
+    torch.testing.assert_close(flat(generic), flat(model), rtol=1e-12, atol=1e-14)
+
+
+def test_record_holds_the_iteration_values():
+    model, x, y = problem()
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=2)
+    f0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt.step(x, y)
+    row, r = opt.record(), opt.report
+    assert set(row) == {"loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
+                        "loss_evals", "grad_evals", "seconds_local", "seconds_comm", "seconds_global"}
+    assert row["loss"] == pytest.approx(f0, rel=1e-12)
+    assert row["final_loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-12)
+    assert row["accepted"] == int(r.accepted) and row["nonfinite"] == 0
+    assert row["loss_evals"] == r.local_loss_evals_total + r.global_loss_evals
+    assert row["grad_evals"] == r.local_grad_evals_total + r.global_grad_evals
