@@ -2,16 +2,19 @@
 
 One iteration on a minibatch B (the same on every rank; kept fixed for the whole iteration):
 
-1. every rank holds theta_k and Delta_k; theta_k is saved so a rejection restores it bitwise;
+1. every rank holds theta_k and Delta_k; theta_k is saved (in APTS's own buffer) so a rejection
+   restores it bitwise;
 2. local phase: the ranks of subdomain d run at most ``local_iters`` trust-region iterations on
    f_d(u) = f(theta_k + R_d^T u), other coordinates frozen, from u = 0 with the local radius
    started at ``local_fraction * Delta_k``;
 3. the corrections u_d are assembled with one ``Allgatherv`` into a preallocated flat vector s (no
    arithmetic, so every rank holds the same bits), pred = sum_d delta_d with one scalar Allreduce;
 4. f(theta_k + s) is evaluated on each rank's share of B and summed; rank 0, the coordinator,
-   computes rho and decides; decision, rho and new radius reach every rank in one ``Bcast``;
+   computes rho and decides; decision, rho, new radius and the values they were taken on
+   (f(theta_k), f(theta_k + s), pred) reach every rank in one ``Bcast``;
 5. optional global pass: ``global_iters`` trust-region iterations on all of theta, with loss and
-   gradient summed over the ranks' shares of B; rank 0 decides each and broadcasts.
+   gradient summed over the ranks' shares of B; every decision of the engine (stop, trial loss,
+   finiteness) is taken on rank 0's values, broadcast (the engine's ``agree`` hook).
 
 Decisions this module takes where the method page leaves room (apts-method.md sections 3-6):
 
@@ -25,6 +28,21 @@ Decisions this module takes where the method page leaves room (apts-method.md se
   from an accepted point without evaluating it again; after a rejection it starts from theta_k with
   the gradient assembled from the local phases' first evaluations (one Allgatherv, no computation).
 * f(theta_k) in rho is the coordinator's own f_0(0).
+* One function per iteration.  The minibatch is cut once into P shares (P = world size; in serial
+  emulation P = subdomains, the cuts of the N-rank run), each share into ``micro_batch`` pieces;
+  every evaluation of the iteration (local phases, FOC term, trial, global pass) sums over exactly
+  these pieces (a local phase over all of them, or its replica's contiguous block of them; a
+  frozen prefix is applied piece by piece).  So batch-norm statistics are the same in f(theta_k),
+  the trial and the global pass, and the serial emulation evaluates what the N-rank run does.
+  Running statistics are the coordinator's (broadcast after each iteration): a serial emulation's
+  differ, its parameters do not.
+* Decisions are never taken on values each rank reduced itself (MPI does not promise bitwise
+  identical Allreduce results on every rank): the coordinator's values are broadcast, and replicas
+  take their group's rank-0 f_d(0), stop, trial loss and finiteness (one ``Bcast`` each).
+* A non-finite f_d(theta_k) on any rank (a data fault may hit one rank's copy of B only) is summed
+  into the combination's Allreduce: every rank then reports f(theta_k) = NaN, rejects the step
+  without a trial and skips the global pass, so the training loop stops on every rank.
+* Every evaluation is counted, the FOC term's gradient at theta_k included (a global evaluation).
 * ``acceptance="none"``: s is always applied, except a non-finite trial loss, which is rejected in
   every mode (applying it would end the run).  ``nonmonotone``: the numerator uses the largest of
   f(theta_k) and the losses of the last ``window`` accepted iterates.
@@ -160,6 +178,14 @@ class APTS:
         self.local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
         self.global_core = TrustRegionCore(self.whole, self.config)
         self.group = Comm(comm.Split(self.subdomain_id, rank)) if self.replicas > 1 else Comm(None)
+        # The fixed cuts of every minibatch: P shares (one per rank; in serial emulation one per
+        # subdomain, as its N-rank run has), each cut into micro-batches.  Every evaluation of an
+        # iteration sums over exactly these pieces, so that batch-norm statistics are the same in
+        # f(theta_k), the trial and the global pass, and equal to an N-rank run's.
+        self.n_shares = world if world > 1 else self.n_subdomains
+        # decisions inside a replica group come from its rank 0 (one Bcast), never from values each
+        # replica reduced on its own: MPI does not promise bitwise identical Allreduce results
+        self.local_agree = self.group.bcast if self.replicas > 1 else None
 
         # Allgatherv layout: the replicas of subdomain d each send one contiguous chunk of its slice.
         self.counts, self.displs = [], []
@@ -188,22 +214,26 @@ class APTS:
         self.freeze_others = self.cache_prefix = True
 
     # -- evaluations ------------------------------------------------------------------------------
-    def _shared_evaluate(self, part, comm: Comm, subdomain: Subdomain, grad_out=None, net=None,
-                         B=None):
-        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s ranks.
+    def _pieces(self, batch, shares) -> list:
+        """The micro-batches of ``shares`` (indices among the ``n_shares`` shares of ``batch``)."""
+        return [piece for p in shares
+                for piece in chunks(share(batch, p, self.n_shares), self.micro_batch)]
 
-        ``part`` is this rank's share of a minibatch of ``B`` samples (None: ``part`` is the whole
-        minibatch and this rank takes its share of it here); ``net`` replaces the model (the part
-        after a cached prefix).  ``grad_out=None``: the loss only.
+    def _world_pieces(self, batch) -> list:
+        """The pieces this rank evaluates in a shared evaluation over the world (all in serial)."""
+        return self._pieces(batch, [self.comm.rank] if self.comm.size > 1 else range(self.n_shares))
+
+    def _shared_evaluate(self, pieces, B, comm: Comm, subdomain: Subdomain, grad_out=None, net=None):
+        """f (and its gradient on ``subdomain`` into ``grad_out``) of a minibatch of ``B`` samples,
+        of which this rank evaluates ``pieces``, summed over ``comm``'s ranks.
+
+        ``net`` replaces the model (the part after a cached prefix).  ``grad_out=None``: the loss only.
         """
-        if B is None:
-            B = batch_size(part)
-            part = share(part, comm.rank, comm.size)
         grad = grad_out is not None
         if grad:
             self.model.zero_grad(set_to_none=False)
         loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
-        for piece in chunks(part, self.micro_batch):  # gradients accumulate over the chunks
+        for piece in pieces:  # gradients accumulate over the pieces
             with torch.set_grad_enabled(grad):
                 term = self.objective(net or self.model, piece)
                 if grad:
@@ -240,12 +270,13 @@ class APTS:
         accept = finite and pred > 0 and rho >= self.config.eta1
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
 
-    def _broadcast_decision(self, decide):
-        def wrapped(*args):
-            accept, rho, radius = decide(*args) if self.comm.rank == 0 else (False, 0.0, 0.0)
-            accept, rho, radius = self.comm.bcast([accept, rho, radius])
-            return bool(accept), rho, radius
-        return wrapped
+    def _coordinate(self, loss0, trial, pred):
+        """The coordinator's decision on the assembled step, with the values it was taken on, on
+        every rank (one Bcast): (accept, rho, new radius, f(theta_k), trial loss, pred)."""
+        values = [*self._decide(loss0, trial, pred), loss0, trial, pred] if self.comm.rank == 0 \
+            else [0.0] * 6
+        accept, rho, radius, loss0, trial, pred = self.comm.bcast(values)
+        return bool(accept), rho, radius, loss0, trial, pred
 
     def _local_phase(self, d, core, batch, theta):
         """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
@@ -257,13 +288,15 @@ class APTS:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
             B, k = batch_size(batch), self._frozen_prefix(mine) if self.cache_prefix else 0
-            part = share(batch, self.group.rank, self.group.size)
+            per_replica = self.n_shares // self.group.size  # this replica's shares of the P
+            j = self.group.rank
+            pieces = self._pieces(batch, range(j * per_replica, (j + 1) * per_replica))
             net = self.model[k:] if k else self.model
-            if k:  # under no_grad (step): constant for this phase
-                part = (self.model[:k](part[0]), *part[1:])
+            if k:  # under no_grad (step): constant for this phase; piece by piece, as without it
+                pieces = [(self.model[:k](piece[0]), *piece[1:]) for piece in pieces]
 
             def f_d(grad_out=None):
-                return self._shared_evaluate(part, self.group, sub, grad_out, net=net, B=B)
+                return self._shared_evaluate(pieces, B, self.group, sub, grad_out, net=net)
 
             def with_foc(grad_out=None):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
                 loss = f_d(grad_out)
@@ -274,6 +307,8 @@ class APTS:
 
             grad0 = self.grad0[a:b]
             loss0 = float(f_d(grad0))  # f_d(0): the FOC term is 0 there
+            if self.local_agree is not None:  # the replicas start from their rank 0's f_d(0)
+                loss0 = self.local_agree([loss0])[0]
             core.count_evaluation(loss=1, grad=1)
             if self.foc:
                 self.foc_term[a:b].sub_(grad0)
@@ -282,7 +317,7 @@ class APTS:
                 core.set_gradient(grad0)
             core.set_radius(self.local_fraction * self.radius)
             loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
-                            box=self.local_fraction * self.radius)
+                            box=self.local_fraction * self.radius, agree=self.local_agree)
             self.correction[a:b].copy_(core.offset)
             sub.scatter(theta[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
@@ -309,20 +344,23 @@ class APTS:
         self.whole.gather(theta)  # theta_k
         r = IterationReport()
         before = {d: (c.counters.loss_evals, c.counters.grad_evals) for d, c in self.local.items()}
+        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
+        B, pieces = batch_size(batch), self._world_pieces(batch)  # this rank's shared evaluations
 
-        if self.foc:
-            self.model.zero_grad(set_to_none=False)
-            self._shared_evaluate(batch, comm, self.whole, self.foc_term)
+        if self.foc:  # grad f(theta_k), a shared evaluation of the whole objective
+            self._shared_evaluate(pieces, B, comm, self.whole, self.foc_term)
+            glob.count_evaluation(loss=1, grad=1)
 
         # 2. local phase
         t0 = time.perf_counter()
-        delta, loss0 = 0.0, math.nan
+        delta, loss0, broken = 0.0, math.nan, 0
         for d, core in self.local.items():
             delta_d, f0 = self._local_phase(d, core, batch, theta)
             if self.comm.rank % self.replicas == 0:  # one replica reports delta_d
                 delta += delta_d
             if d == 0:
                 loss0 = f0  # the coordinator's f(theta_k)
+            broken += not math.isfinite(f0)
         r.local_loss_evals = sum(c.counters.loss_evals - before[d][0] for d, c in self.local.items())
         r.local_grad_evals = sum(c.counters.grad_evals - before[d][1] for d, c in self.local.items())
         t_local = time.perf_counter() - t0
@@ -330,43 +368,43 @@ class APTS:
 
         # 3. additive combination
         comm.allgatherv_(self.correction, self.counts, self.displs)
-        # one scalar Allreduce: the decreases, the evaluation counts and (from rank 0 alone, the
-        # others add zero) the coordinator's f(theta_k)
-        pred, local_loss_evals, local_grad_evals, loss0 = comm.sum_scalars(
-            [delta, r.local_loss_evals, r.local_grad_evals, loss0 if comm.rank == 0 else 0.0])
+        # one scalar Allreduce: the decreases, the evaluation counts and the number of ranks
+        # whose f_d(theta_k) is not finite (a data fault may hit one rank only)
+        pred, local_loss_evals, local_grad_evals, broken = comm.sum_scalars(
+            [delta, r.local_loss_evals, r.local_grad_evals, broken])
         r.local_loss_evals_total, r.local_grad_evals_total = int(local_loss_evals), int(local_grad_evals)
-        self.whole.add_(self.correction)
         r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
         comm_combine = in_collectives() - comm_s0 - comm_local
 
         # 4. acceptance, on shares of B
         t0 = time.perf_counter()
-        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
         need_grad = self.global_iters > 0
-        trial = float(self._shared_evaluate(batch, comm, self.whole, self.trial_grad))
-        glob.count_evaluation(loss=1, grad=int(need_grad))
-        accept, rho, self.radius = self._broadcast_decision(self._decide)(loss0, trial, pred)
-        if accept:
-            if self.acceptance == "nonmonotone":
-                self.history.append(trial)
-            loss = trial
-            gradient = self.trial_grad
+        if broken:  # f(theta_k) is not finite on some rank: nothing to decide, the loop stops
+            loss0 = trial = loss = rho = math.nan
+            accept = False
         else:
-            self.whole.scatter(theta)
-            loss = loss0
-            gradient = self.grad0
-            if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
-                comm.allgatherv_(self.grad0, self.counts, self.displs)
+            self.whole.add_(self.correction)
+            trial = float(self._shared_evaluate(pieces, B, comm, self.whole, self.trial_grad))
+            glob.count_evaluation(loss=1, grad=int(need_grad))
+            accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
+            if accept:
+                if self.acceptance == "nonmonotone":
+                    self.history.append(trial)
+                loss, gradient = trial, self.trial_grad
+            else:
+                self.whole.scatter(theta)
+                loss, gradient = loss0, self.grad0
+                if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
+                    comm.allgatherv_(self.grad0, self.counts, self.displs)
 
         # 5. global pass
         acc0, rej0 = glob.counters.accepted, glob.counters.rejected
-        if self.global_iters:
+        if self.global_iters and not broken:
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
-            evaluate = lambda out=None: self._shared_evaluate(batch, comm, self.whole, out)
-            loss = glob.run(evaluate, self.global_iters, loss=loss,
-                            decide=self._broadcast_decision(glob.ratio_decision))
+            evaluate = lambda out=None: self._shared_evaluate(pieces, B, comm, self.whole, out)
+            loss = glob.run(evaluate, self.global_iters, loss=loss, agree=comm.bcast)
             self.radius = glob.radius
         self.sync_buffers()
         t_global = time.perf_counter() - t0

@@ -93,7 +93,9 @@ def test_nonfinite_trial_is_rejected_in_every_mode_and_parameters_restored():
         def loss_fn(out, target):
             calls["n"] += 1
             loss = torch.nn.functional.cross_entropy(out, target)
-            return loss * math.nan if calls["n"] == 13 else loss  # 2 x 6 local, then the trial
+            # 2 subdomains x 6 local evaluations x 2 shares (the serial emulation cuts the batch
+            # as 2 ranks do), then the trial's first share
+            return loss * math.nan if calls["n"] == 25 else loss
 
         opt = APTS(model, loss_fn, subdomains=2, acceptance=acceptance, global_iters=0)
         before = flat(model)
@@ -203,3 +205,54 @@ def test_record_holds_the_iteration_values():
     assert row["accepted"] == int(r.accepted) and row["nonfinite"] == 0
     assert row["loss_evals"] == r.local_loss_evals_total + r.global_loss_evals
     assert row["grad_evals"] == r.local_grad_evals_total + r.global_grad_evals
+
+
+class CountingLoss(Objective):
+    """Summed cross-entropy that counts its calls, and those made with gradients enabled."""
+
+    def __init__(self):
+        self.calls = self.grad_calls = 0
+
+    def __call__(self, model, part):
+        self.calls += 1
+        self.grad_calls += torch.is_grad_enabled()
+        return torch.nn.functional.cross_entropy(model(part[0]), part[1], reduction="sum")
+
+
+@pytest.mark.parametrize("subdomains, foc, global_iters", [
+    (1, True, 2), (1, True, 0), (2, False, 2), (2, True, 2), (2, True, 0)])
+def test_reported_evaluations_are_the_objective_calls(subdomains, foc, global_iters):
+    """Every evaluation is counted, the FOC term's included.  The serial emulation of N subdomains
+    evaluates f on the N shares an N-rank run would, so one evaluation is N objective calls."""
+    model, x, y = problem()
+    objective = CountingLoss()
+    opt = APTS(model, objective, subdomains=subdomains, foc=foc, global_iters=global_iters)
+    loss_evals = grad_evals = 0
+    for _ in range(3):
+        opt.step(x, y)
+        loss_evals += opt.record()["loss_evals"]
+        grad_evals += opt.record()["grad_evals"]
+    assert objective.calls == subdomains * loss_evals
+    assert objective.grad_calls == subdomains * grad_evals
+
+
+def test_closures_evaluate_the_loss_alone_without_a_gradient(monkeypatch):
+    """The engine may call APTS's closures with grad_out=None: the loss, no gradient computed."""
+    from apts_mpi.trust_region import TrustRegionCore
+    run = TrustRegionCore.run
+    seen = []
+
+    def checking_run(self, evaluate, *args, **kwargs):
+        before = objective.grad_calls
+        seen.append((float(evaluate()), objective.grad_calls - before))
+        return run(self, evaluate, *args, **kwargs)
+
+    monkeypatch.setattr(TrustRegionCore, "run", checking_run)
+    model, x, y = problem()
+    objective = CountingLoss()
+    opt = APTS(model, objective, subdomains=2, foc=True, global_iters=1)
+    f0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt.step(x, y)
+    assert len(seen) == 3 and all(grads == 0 for _, grads in seen)
+    for loss, _ in seen[:2]:  # the local phases start at theta_k, where the FOC term is 0
+        assert loss == pytest.approx(f0, rel=1e-12)
