@@ -256,3 +256,32 @@ def test_closures_evaluate_the_loss_alone_without_a_gradient(monkeypatch):
     assert len(seen) == 3 and all(grads == 0 for _, grads in seen)
     for loss, _ in seen[:2]:  # the local phases start at theta_k, where the FOC term is 0
         assert loss == pytest.approx(f0, rel=1e-12)
+
+
+def test_rho_compares_one_function_with_batch_norm():
+    """With batch norm, f depends on how the minibatch is cut.  f(theta_k) and the trial loss are
+    both the sum over the same pieces: the serial emulation's 2 shares (those of a 2-rank run),
+    each cut into micro-batches of 7, evaluated here independently at theta_k and theta_k + s."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    _, x, y = problem()
+
+    def f(net):
+        total = 0.0
+        for half in (slice(0, 60), slice(60, 120)):
+            for start in range(half.start, half.stop, 7):
+                part = slice(start, min(start + 7, half.stop))
+                total += torch.nn.functional.cross_entropy(net(x[part]), y[part], reduction="sum").item()
+        return total / len(y)
+
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=2, micro_batch=7,
+               acceptance="none", global_iters=0, radius=0.05)
+    for _ in range(3):
+        before = copy.deepcopy(model)
+        opt.step(x, y)
+        assert opt.report.accepted
+        assert opt.report.loss == pytest.approx(f(before), rel=1e-12)
+        assert opt.report.trial_loss == pytest.approx(f(model), rel=1e-12)
+        assert opt.report.rho == pytest.approx((f(before) - f(model)) / opt.report.pred, rel=1e-9)
