@@ -2,16 +2,19 @@
 
 One iteration on a minibatch B (the same on every rank; kept fixed for the whole iteration):
 
-1. every rank holds theta_k and Delta_k; theta_k is saved so a rejection restores it bitwise;
+1. every rank holds theta_k and Delta_k; theta_k is saved (in APTS's own buffer) so a rejection
+   restores it bitwise;
 2. local phase: the ranks of subdomain d run at most ``local_iters`` trust-region iterations on
    f_d(u) = f(theta_k + R_d^T u), other coordinates frozen, from u = 0 with the local radius
    started at ``local_fraction * Delta_k``;
 3. the corrections u_d are assembled with one ``Allgatherv`` into a preallocated flat vector s (no
    arithmetic, so every rank holds the same bits), pred = sum_d delta_d with one scalar Allreduce;
 4. f(theta_k + s) is evaluated on each rank's share of B and summed; rank 0, the coordinator,
-   computes rho and decides; decision, rho and new radius reach every rank in one ``Bcast``;
+   computes rho and decides; decision, rho, new radius and the values they were taken on
+   (f(theta_k), f(theta_k + s), pred) reach every rank in one ``Bcast``;
 5. optional global pass: ``global_iters`` trust-region iterations on all of theta, with loss and
-   gradient summed over the ranks' shares of B; rank 0 decides each and broadcasts.
+   gradient summed over the ranks' shares of B; every decision of the engine (stop, trial loss,
+   finiteness) is taken on rank 0's values, broadcast (the engine's ``agree`` hook).
 
 Decisions this module takes where the method page leaves room (apts-method.md sections 3-6):
 
@@ -25,6 +28,21 @@ Decisions this module takes where the method page leaves room (apts-method.md se
   from an accepted point without evaluating it again; after a rejection it starts from theta_k with
   the gradient assembled from the local phases' first evaluations (one Allgatherv, no computation).
 * f(theta_k) in rho is the coordinator's own f_0(0).
+* One function per iteration.  The minibatch is cut once into P shares (P = world size; in serial
+  emulation P = subdomains, the cuts of the N-rank run), each share into ``micro_batch`` pieces;
+  every evaluation of the iteration (local phases, FOC term, trial, global pass) sums over exactly
+  these pieces (a local phase over all of them, or its replica's contiguous block of them; a
+  frozen prefix is applied piece by piece).  So batch-norm statistics are the same in f(theta_k),
+  the trial and the global pass, and the serial emulation evaluates what the N-rank run does.
+  Running statistics are the coordinator's (broadcast after each iteration): a serial emulation's
+  differ, its parameters do not.
+* Decisions are never taken on values each rank reduced itself (MPI does not promise bitwise
+  identical Allreduce results on every rank): the coordinator's values are broadcast, and replicas
+  take their group's rank-0 f_d(0), stop, trial loss and finiteness (one ``Bcast`` each).
+* A non-finite f_d(theta_k) on any rank (a data fault may hit one rank's copy of B only) is summed
+  into the combination's Allreduce: every rank then reports f(theta_k) = NaN, rejects the step
+  without a trial and skips the global pass, so the training loop stops on every rank.
+* Every evaluation is counted, the FOC term's gradient at theta_k included (a global evaluation).
 * ``acceptance="none"``: s is always applied, except a non-finite trial loss, which is rejected in
   every mode (applying it would end the run).  ``nonmonotone``: the numerator uses the largest of
   f(theta_k) and the losses of the last ``window`` accepted iterates.
@@ -46,6 +64,7 @@ import torch
 from .comm import BufferSync, Comm
 from .optimizers import Optimizer
 from .decomposition import STRATEGIES, Subdomain, decompose
+from .objective import as_objective, batch_size, chunks, share
 from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
 
 ACCEPTANCE = ("ratio", "none", "nonmonotone")
@@ -87,9 +106,11 @@ def _positive_int(name, value, minimum=1):
 class APTS(Optimizer):
     """Additively Preconditioned Trust-region Strategy across the ranks of ``comm``.
 
-    ``APTS(model, loss_fn, comm, **keywords)``; ``step(inputs, targets) -> loss`` runs one iteration
-    on the minibatch (the same on every rank) and returns the loss at the new iterate.  ``loss_fn``
-    is a mean over samples (like ``cross_entropy``).  ``comm`` is an mpi4py communicator
+    ``APTS(model, objective, comm, **keywords)``; ``step(*batch) -> loss`` runs one iteration on the
+    minibatch (the same on every rank; ``step(x, y)`` or ``step((x, y))``, any number of tensors
+    sharing dim 0) and returns the loss at the new iterate.  ``objective`` is an
+    :class:`~apts_mpi.objective.Objective` or a mean loss ``loss_fn(output, target)`` (like
+    ``cross_entropy``, wrapped in ``SampleLoss``).  ``comm`` is an mpi4py communicator
     (default ``COMM_SELF``: serial emulation).
 
     Keywords (validated): the TrustRegion radius keywords ``radius``, ``max_radius``,
@@ -98,17 +119,18 @@ class APTS(Optimizer):
     ``local_iters=5``, ``local_fraction=1.0``, ``local_model`` ("first-order", "lsr1", "lbfgs"),
     ``memory=5``, ``acceptance`` ("ratio", "none", "nonmonotone"), ``window=5``, ``global_iters=1``
     (0: no global pass), ``global_model="first-order"``, ``foc=False``, ``seed=0``, ``replicas=1``,
-    ``step="cauchy"``.  ``report`` holds the :class:`IterationReport` of the last iteration.
+    ``step="cauchy"``, ``micro_batch=None``.  ``report`` holds the :class:`IterationReport` of the
+    last iteration, ``record()`` its row of the per-iteration series.
 
     Raises ValueError for a bad keyword or a world size that does not match subdomains * replicas.
     """
 
-    def __init__(self, model, loss_fn, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
+    def __init__(self, model, objective, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
                  eta1=0.25, eta2=0.75, decrease=0.5, increase=2.0, norm="inf", step="cauchy",
                  subdomains=None, decomposition="balanced", local_iters=5, local_fraction=1.0,
                  local_model="first-order", memory=5, acceptance="ratio", window=5, global_iters=1,
                  global_model="first-order", foc=False, seed=0, replicas=1, micro_batch=None):
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world = self.comm.size
         self.replicas = _positive_int("replicas", replicas)
@@ -157,6 +179,14 @@ class APTS(Optimizer):
         self.local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
         self.global_core = TrustRegionCore(self.whole, self.config)
         self.group = Comm(comm.Split(self.subdomain_id, rank)) if self.replicas > 1 else Comm(None)
+        # The fixed cuts of every minibatch: P shares (one per rank; in serial emulation one per
+        # subdomain, as its N-rank run has), each cut into micro-batches.  Every evaluation of an
+        # iteration sums over exactly these pieces, so that batch-norm statistics are the same in
+        # f(theta_k), the trial and the global pass, and equal to an N-rank run's.
+        self.n_shares = world if world > 1 else self.n_subdomains
+        # decisions inside a replica group come from its rank 0 (one Bcast), never from values each
+        # replica reduced on its own: MPI does not promise bitwise identical Allreduce results
+        self.local_agree = self.group.bcast if self.replicas > 1 else None
 
         # Allgatherv layout: the replicas of subdomain d each send one contiguous chunk of its slice.
         self.counts, self.displs = [], []
@@ -168,7 +198,10 @@ class APTS(Optimizer):
 
         kw = dict(dtype=self.whole.dtype, device=self.whole.device)
         n = self.whole.numel
+        self.theta = torch.empty(n, **kw)        # theta_k, restored bitwise after a rejection
         self.correction = torch.zeros(n, **kw)   # s
+        # the gradient at the trial point, handed to the global pass after an acceptance
+        self.trial_grad = torch.empty(n, **kw) if self.global_iters else None
         self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
         self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
         self.foc_term = torch.zeros(n, **kw) if self.foc else None
@@ -182,32 +215,31 @@ class APTS(Optimizer):
         self.freeze_others = self.cache_prefix = True
 
     # -- evaluations ------------------------------------------------------------------------------
-    def _share(self, n_samples, rank, size):
-        return slice(n_samples * rank // size, n_samples * (rank + 1) // size)
+    def _pieces(self, batch, shares) -> list:
+        """The micro-batches of ``shares`` (indices among the ``n_shares`` shares of ``batch``)."""
+        return [piece for p in shares
+                for piece in chunks(share(batch, p, self.n_shares), self.micro_batch)]
 
-    def _shared_evaluate(self, inputs, targets, comm: Comm, subdomain: Subdomain, grad_out=None,
-                         net=None, presliced=False, B=None):
-        """f (and its gradient on ``subdomain`` into ``grad_out``) summed over ``comm``'s shares of B.
+    def _world_pieces(self, batch) -> list:
+        """The pieces this rank evaluates in a shared evaluation over the world (all in serial)."""
+        return self._pieces(batch, [self.comm.rank] if self.comm.size > 1 else range(self.n_shares))
 
-        ``net`` replaces the model (the part after a cached prefix); with ``presliced`` the inputs
-        and targets are already this rank's share of a minibatch of ``B`` samples.
+    def _shared_evaluate(self, pieces, B, comm: Comm, subdomain: Subdomain, grad_out=None, net=None):
+        """f (and its gradient on ``subdomain`` into ``grad_out``) of a minibatch of ``B`` samples,
+        of which this rank evaluates ``pieces``, summed over ``comm``'s ranks.
+
+        ``net`` replaces the model (the part after a cached prefix).  ``grad_out=None``: the loss only.
         """
-        if not presliced:
-            B = len(targets)
-            share = self._share(B, comm.rank, comm.size)
-            inputs, targets = inputs[share], targets[share]
         grad = grad_out is not None
         if grad:
             self.model.zero_grad(set_to_none=False)
         loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
-        chunk = self.micro_batch or max(len(targets), 1)
-        for start in range(0, len(targets), chunk):  # gradients accumulate over the chunks
-            x, y = inputs[start:start + chunk], targets[start:start + chunk]
+        for piece in pieces:  # gradients accumulate over the pieces
             with torch.set_grad_enabled(grad):
-                part = self.loss_fn((net or self.model)(x), y) * len(y)
+                term = self.objective(net or self.model, piece)
                 if grad:
-                    part.backward()
-            loss += part.detach()
+                    term.backward()
+            loss += term.detach()
         if not grad:
             return comm.sum_scalars([float(loss)])[0] / B
         m = subdomain.numel
@@ -221,7 +253,7 @@ class APTS(Optimizer):
     def _frozen_prefix(self, mine) -> int:
         """Leading layers of an ``nn.Sequential`` model that hold none of the parameters ``mine``:
         their output is constant during a local phase, so it is computed once, not per evaluation."""
-        if not isinstance(self.model, torch.nn.Sequential):
+        if not (self.objective.sequential_inputs and isinstance(self.model, torch.nn.Sequential)):
             return 0
         for i, layer in enumerate(self.model):
             if any(id(p) in mine for p in layer.parameters()):
@@ -239,14 +271,15 @@ class APTS(Optimizer):
         accept = finite and pred > 0 and rho >= self.config.eta1
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
 
-    def _broadcast_decision(self, decide):
-        def wrapped(*args):
-            accept, rho, radius = decide(*args) if self.comm.rank == 0 else (False, 0.0, 0.0)
-            accept, rho, radius = self.comm.bcast([accept, rho, radius])
-            return bool(accept), rho, radius
-        return wrapped
+    def _coordinate(self, loss0, trial, pred):
+        """The coordinator's decision on the assembled step, with the values it was taken on, on
+        every rank (one Bcast): (accept, rho, new radius, f(theta_k), trial loss, pred)."""
+        values = [*self._decide(loss0, trial, pred), loss0, trial, pred] if self.comm.rank == 0 \
+            else [0.0] * 6
+        accept, rho, radius, loss0, trial, pred = self.comm.bcast(values)
+        return bool(accept), rho, radius, loss0, trial, pred
 
-    def _local_phase(self, d, core, inputs, targets, saved):
+    def _local_phase(self, d, core, batch, theta):
         """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
         sub = core.subdomain
         a, b = self.offsets[d], self.offsets[d + 1]
@@ -255,65 +288,80 @@ class APTS(Optimizer):
         for p in frozen:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
-            B, k = len(targets), self._frozen_prefix(mine) if self.cache_prefix else 0
-            share = self._share(B, self.group.rank, self.group.size)
-            x, y = inputs[share], targets[share]
+            B, k = batch_size(batch), self._frozen_prefix(mine) if self.cache_prefix else 0
+            per_replica = self.n_shares // self.group.size  # this replica's shares of the P
+            j = self.group.rank
+            pieces = self._pieces(batch, range(j * per_replica, (j + 1) * per_replica))
             net = self.model[k:] if k else self.model
-            if k:
-                x = self.model[:k](x)  # under no_grad (step): constant for this phase
+            if k:  # under no_grad (step): constant for this phase; piece by piece, as without it
+                pieces = [(self.model[:k](piece[0]), *piece[1:]) for piece in pieces]
 
-            def f_d(grad_out):
-                return self._shared_evaluate(x, y, self.group, sub, grad_out, net=net,
-                                             presliced=True, B=B)
+            def f_d(grad_out=None):
+                return self._shared_evaluate(pieces, B, self.group, sub, grad_out, net=net)
 
-            def with_foc(grad_out):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
+            def with_foc(grad_out=None):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
                 loss = f_d(grad_out)
-                u = sub.gather(self.foc_work[:b - a]).sub_(saved[a:b])
-                grad_out.add_(self.foc_term[a:b])
+                u = sub.gather(self.foc_work[:b - a]).sub_(theta[a:b])
+                if grad_out is not None:
+                    grad_out.add_(self.foc_term[a:b])
                 return loss + self.foc_term[a:b].dot(u)
 
-            loss0 = float(core.counted_evaluation(f_d, core.grad))  # f_d(0): the FOC term is 0 there
-            self.grad0[a:b].copy_(core.grad)
+            grad0 = self.grad0[a:b]
+            loss0 = float(f_d(grad0))  # f_d(0): the FOC term is 0 there
+            if self.local_agree is not None:  # the replicas start from their rank 0's f_d(0)
+                loss0 = self.local_agree([loss0])[0]
+            core.count_evaluation(loss=1, grad=1)
             if self.foc:
-                self.foc_term[a:b].sub_(core.grad)
-                core.grad.add_(self.foc_term[a:b])
-            core.radius = self.local_fraction * self.radius
+                self.foc_term[a:b].sub_(grad0)
+                core.set_gradient(torch.add(grad0, self.foc_term[a:b], out=self.foc_work[:b - a]))
+            else:
+                core.set_gradient(grad0)
+            core.set_radius(self.local_fraction * self.radius)
             loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
-                            box=self.local_fraction * self.radius)
+                            box=self.local_fraction * self.radius, agree=self.local_agree)
             self.correction[a:b].copy_(core.offset)
-            sub.scatter(saved[a:b])  # back to theta_k: every rank applies the same theta_k + s
+            sub.scatter(theta[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         return max(loss0 - loss, 0.0), loss0
 
     @torch.no_grad()
-    def step(self, inputs, targets) -> float:
-        """One APTS iteration on the minibatch (inputs, targets); returns the loss at the new iterate."""
+    def step(self, *batch) -> float:
+        """One APTS iteration on the minibatch; returns the loss at the new iterate.
+
+        ``step(x, y)`` or ``step((x, y))``: the tensors of the minibatch, sharing dim 0.
+        """
+        if len(batch) == 1 and isinstance(batch[0], (tuple, list)):
+            batch = batch[0]
+        batch = tuple(batch)
         t_start = time.perf_counter()
         comm, world = self.comm, self.comm.size
         def in_collectives():
             return comm.seconds + comm.waiting + self.group.seconds + self.group.waiting
         wait0, comm_s0 = comm.waiting + self.group.waiting, in_collectives()
         glob = self.global_core
-        saved = glob.saved
-        self.whole.gather(saved)  # theta_k
+        theta = self.theta
+        self.whole.gather(theta)  # theta_k
         r = IterationReport()
         before = {d: (c.counters.loss_evals, c.counters.grad_evals) for d, c in self.local.items()}
+        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
+        B, pieces = batch_size(batch), self._world_pieces(batch)  # this rank's shared evaluations
 
-        if self.foc:
-            self.model.zero_grad(set_to_none=False)
-            self._shared_evaluate(inputs, targets, comm, self.whole, self.foc_term)
+        if self.foc:  # grad f(theta_k), a shared evaluation of the whole objective
+            self._shared_evaluate(pieces, B, comm, self.whole, self.foc_term)
+            glob.count_evaluation(loss=1, grad=1)
 
         # 2. local phase
         t0 = time.perf_counter()
-        delta, loss0 = 0.0, math.nan
+        delta, loss0, broken = 0.0, math.nan, 0
         for d, core in self.local.items():
-            delta_d, f0 = self._local_phase(d, core, inputs, targets, saved)
+            delta_d, f0 = self._local_phase(d, core, batch, theta)
             if self.comm.rank % self.replicas == 0:  # one replica reports delta_d
                 delta += delta_d
             if d == 0:
                 loss0 = f0  # the coordinator's f(theta_k)
+            broken += not math.isfinite(f0)
         r.local_loss_evals = sum(c.counters.loss_evals - before[d][0] for d, c in self.local.items())
         r.local_grad_evals = sum(c.counters.grad_evals - before[d][1] for d, c in self.local.items())
         t_local = time.perf_counter() - t0
@@ -321,43 +369,43 @@ class APTS(Optimizer):
 
         # 3. additive combination
         comm.allgatherv_(self.correction, self.counts, self.displs)
-        # one scalar Allreduce: the decreases, the evaluation counts and (from rank 0 alone, the
-        # others add zero) the coordinator's f(theta_k)
-        pred, local_loss_evals, local_grad_evals, loss0 = comm.sum_scalars(
-            [delta, r.local_loss_evals, r.local_grad_evals, loss0 if comm.rank == 0 else 0.0])
+        # one scalar Allreduce: the decreases, the evaluation counts and the number of ranks
+        # whose f_d(theta_k) is not finite (a data fault may hit one rank only)
+        pred, local_loss_evals, local_grad_evals, broken = comm.sum_scalars(
+            [delta, r.local_loss_evals, r.local_grad_evals, broken])
         r.local_loss_evals_total, r.local_grad_evals_total = int(local_loss_evals), int(local_grad_evals)
-        self.whole.add_(self.correction)
         r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
         comm_combine = in_collectives() - comm_s0 - comm_local
 
         # 4. acceptance, on shares of B
         t0 = time.perf_counter()
-        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
         need_grad = self.global_iters > 0
-        trial = float(self._shared_evaluate(inputs, targets, comm, self.whole,
-                                            glob.grad if need_grad else None))
-        glob.counters.loss_evals += 1
-        glob.counters.grad_evals += int(need_grad)
-        accept, rho, self.radius = self._broadcast_decision(self._decide)(loss0, trial, pred)
-        if accept:
-            if self.acceptance == "nonmonotone":
-                self.history.append(trial)
-            loss = trial
+        if broken:  # f(theta_k) is not finite on some rank: nothing to decide, the loop stops
+            loss0 = trial = loss = rho = math.nan
+            accept = False
         else:
-            self.whole.scatter(saved)
-            loss = loss0
-            if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
-                glob.grad.copy_(self.grad0)
-                comm.allgatherv_(glob.grad, self.counts, self.displs)
+            self.whole.add_(self.correction)
+            trial = float(self._shared_evaluate(pieces, B, comm, self.whole, self.trial_grad))
+            glob.count_evaluation(loss=1, grad=int(need_grad))
+            accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
+            if accept:
+                if self.acceptance == "nonmonotone":
+                    self.history.append(trial)
+                loss, gradient = trial, self.trial_grad
+            else:
+                self.whole.scatter(theta)
+                loss, gradient = loss0, self.grad0
+                if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
+                    comm.allgatherv_(self.grad0, self.counts, self.displs)
 
         # 5. global pass
         acc0, rej0 = glob.counters.accepted, glob.counters.rejected
-        if self.global_iters:
-            glob.radius = self.radius
-            evaluate = lambda out: self._shared_evaluate(inputs, targets, comm, self.whole, out)
-            loss = glob.run(evaluate, self.global_iters, loss=loss,
-                            decide=self._broadcast_decision(glob.ratio_decision))
+        if self.global_iters and not broken:
+            glob.set_gradient(gradient)
+            glob.set_radius(self.radius)
+            evaluate = lambda out=None: self._shared_evaluate(pieces, B, comm, self.whole, out)
+            loss = glob.run(evaluate, self.global_iters, loss=loss, agree=comm.bcast)
             self.radius = glob.radius
         self.sync_buffers()
         t_global = time.perf_counter() - t0
@@ -376,6 +424,17 @@ class APTS(Optimizer):
         self.report = r
         self.iteration += 1
         return loss
+
+    def record(self) -> dict:
+        """The last iteration's row of the per-iteration series (cumulative counts are the caller's)."""
+        r = self.report
+        return dict(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
+                    accepted=int(r.accepted), nonfinite=int(not math.isfinite(r.trial_loss)),
+                    step_inf=r.step_inf,
+                    loss_evals=r.local_loss_evals_total + r.global_loss_evals,
+                    grad_evals=r.local_grad_evals_total + r.global_grad_evals,
+                    seconds_local=r.seconds_local, seconds_comm=r.seconds_comm,
+                    seconds_global=r.seconds_global)
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

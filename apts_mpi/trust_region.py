@@ -196,7 +196,7 @@ class TrustRegionCore:
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
 
     def run(self, evaluate, iters: int, loss: float | None = None, box: float | None = None,
-            decide=None, gtol: float = 0.0) -> float:
+            decide=None, gtol: float = 0.0, agree=None) -> float:
         """At most ``iters`` iterations from the current parameters; returns the final loss.
 
         ``loss`` given means ``self.grad`` already holds the gradient at the current point (no
@@ -204,6 +204,10 @@ class TrustRegionCore:
         inside ||u||_inf <= box: every step radius is min(radius, box) and u + s is clipped to the
         box, the model decrease being that of the clipped step (APTS local phase).  Stops early
         when ||g||_inf <= ``gtol`` or no step can decrease the model.
+
+        ``agree(values: list[float]) -> list[float]`` (None: identity) makes the ranks that run this
+        loop together take the same decisions: it returns one designated rank's values (a Bcast).
+        ``[pred, stop]`` pass through it before the trial, ``[trial loss, finite]`` after it.
         """
         if loss is None:
             loss = float(self.counted_evaluation(evaluate, self.grad))
@@ -212,19 +216,22 @@ class TrustRegionCore:
                 self.offset = torch.zeros_like(self.grad)
             self.offset.zero_()
         decide = decide or self.ratio_decision
+        agree = agree or (lambda values: values)
         for _ in range(iters):
             radius = self.radius if box is None else min(self.radius, box)
             pred = self._propose(radius, gtol)
             if box is not None and pred > 0:
                 pred = self._project(box)
-            if not pred > 0:
+            pred, stop = agree([pred, float(not pred > 0)])
+            if stop:
                 break  # stationary (or a model that cannot decrease): nothing to try
             self.subdomain.gather(self.saved)
             self.subdomain.add_(self.step)
             trial = torch.as_tensor(self.counted_evaluation(evaluate, self.trial_grad),
                                     dtype=self.step.dtype, device=self.step.device).reshape(())
             trial, g_max = torch.stack([trial, torch.linalg.vector_norm(self.trial_grad, math.inf)]).tolist()
-            finite = math.isfinite(trial) and math.isfinite(g_max)
+            trial, finite = agree([trial, float(math.isfinite(trial) and math.isfinite(g_max))])
+            finite = bool(finite)
             self.counters.nonfinite += not finite
             accept, rho, self.radius = decide(loss - trial, pred, finite)
             if self.qn is not None and finite:
@@ -240,6 +247,21 @@ class TrustRegionCore:
                 self.counters.rejected += 1
             self.counters.rho, self.counters.radius = rho, self.radius
         return loss
+
+    # -- what a driver that owns its iteration (APTS) may set and count ---------------------------
+    def count_evaluation(self, loss: int = 1, grad: int = 1) -> None:
+        """Count evaluations made outside :meth:`run` (by the caller's own closure) in ``counters``."""
+        self.counters.loss_evals += loss
+        self.counters.grad_evals += grad
+
+    def set_gradient(self, grad: torch.Tensor) -> None:
+        """Copy the gradient at the current point into the engine: the next ``run(..., loss=f)``
+        starts from it without evaluating again."""
+        self.grad.copy_(grad)
+
+    def set_radius(self, radius: float) -> None:
+        """The radius the next :meth:`run` starts from (e.g. a local budget, or the caller's own)."""
+        self.radius = float(radius)
 
 
 class TrustRegion(torch.optim.Optimizer):

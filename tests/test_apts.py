@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from apts_mpi import APTS, TrustRegion
+from apts_mpi.objective import Objective
 
 
 def problem(seed=0, dtype=torch.float64):
@@ -92,7 +93,9 @@ def test_nonfinite_trial_is_rejected_in_every_mode_and_parameters_restored():
         def loss_fn(out, target):
             calls["n"] += 1
             loss = torch.nn.functional.cross_entropy(out, target)
-            return loss * math.nan if calls["n"] == 13 else loss  # 2 x 6 local, then the trial
+            # 2 subdomains x 6 local evaluations x 2 shares (the serial emulation cuts the batch
+            # as 2 ranks do), then the trial's first share
+            return loss * math.nan if calls["n"] == 25 else loss
 
         opt = APTS(model, loss_fn, subdomains=2, acceptance=acceptance, global_iters=0)
         before = flat(model)
@@ -162,3 +165,123 @@ def test_micro_batches_give_the_same_iterates():
         assert a.report.accepted == b.report.accepted
         assert b.report.loss == pytest.approx(a.report.loss, rel=1e-13)
     torch.testing.assert_close(flat(chunked), flat(model), rtol=1e-12, atol=1e-14)
+
+
+class WeightedLoss(Objective):
+    """Cross-entropy weighted per sample by the batch's third tensor, as a sum over the part; it
+    declares no sequential inputs, so APTS must not cache a frozen prefix for it."""
+
+    def __call__(self, model, part):
+        x, y, w = part
+        return (w * torch.nn.functional.cross_entropy(model(x), y, reduction="none")).sum()
+
+
+def test_generic_minibatch_with_an_objective_matches_the_loss_function():
+    """A three-tensor minibatch with unit weights is the plain cross-entropy problem; the single
+    tuple form of step is the two-argument form."""
+    model, x, y = problem()
+    generic, _, _ = problem()
+    a = APTS(model, torch.nn.functional.cross_entropy, subdomains=3, radius=0.05, micro_batch=50)
+    b = APTS(generic, WeightedLoss(), subdomains=3, radius=0.05, micro_batch=50)
+    w = torch.ones(len(y), dtype=x.dtype)
+    for _ in range(4):
+        a.step((x, y))
+        b.step(x, y, w)
+        assert a.report.accepted == b.report.accepted
+    torch.testing.assert_close(flat(generic), flat(model), rtol=1e-12, atol=1e-14)
+
+
+def test_record_holds_the_iteration_values():
+    model, x, y = problem()
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=2)
+    f0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt.step(x, y)
+    row, r = opt.record(), opt.report
+    assert set(row) == {"loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
+                        "loss_evals", "grad_evals", "seconds_local", "seconds_comm", "seconds_global"}
+    assert row["loss"] == pytest.approx(f0, rel=1e-12)
+    assert row["final_loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-12)
+    assert row["accepted"] == int(r.accepted) and row["nonfinite"] == 0
+    assert row["loss_evals"] == r.local_loss_evals_total + r.global_loss_evals
+    assert row["grad_evals"] == r.local_grad_evals_total + r.global_grad_evals
+
+
+class CountingLoss(Objective):
+    """Summed cross-entropy that counts its calls, and those made with gradients enabled."""
+
+    def __init__(self):
+        self.calls = self.grad_calls = 0
+
+    def __call__(self, model, part):
+        self.calls += 1
+        self.grad_calls += torch.is_grad_enabled()
+        return torch.nn.functional.cross_entropy(model(part[0]), part[1], reduction="sum")
+
+
+@pytest.mark.parametrize("subdomains, foc, global_iters", [
+    (1, True, 2), (1, True, 0), (2, False, 2), (2, True, 2), (2, True, 0)])
+def test_reported_evaluations_are_the_objective_calls(subdomains, foc, global_iters):
+    """Every evaluation is counted, the FOC term's included.  The serial emulation of N subdomains
+    evaluates f on the N shares an N-rank run would, so one evaluation is N objective calls."""
+    model, x, y = problem()
+    objective = CountingLoss()
+    opt = APTS(model, objective, subdomains=subdomains, foc=foc, global_iters=global_iters)
+    loss_evals = grad_evals = 0
+    for _ in range(3):
+        opt.step(x, y)
+        loss_evals += opt.record()["loss_evals"]
+        grad_evals += opt.record()["grad_evals"]
+    assert objective.calls == subdomains * loss_evals
+    assert objective.grad_calls == subdomains * grad_evals
+
+
+def test_closures_evaluate_the_loss_alone_without_a_gradient(monkeypatch):
+    """The engine may call APTS's closures with grad_out=None: the loss, no gradient computed."""
+    from apts_mpi.trust_region import TrustRegionCore
+    run = TrustRegionCore.run
+    seen = []
+
+    def checking_run(self, evaluate, *args, **kwargs):
+        before = objective.grad_calls
+        seen.append((float(evaluate()), objective.grad_calls - before))
+        return run(self, evaluate, *args, **kwargs)
+
+    monkeypatch.setattr(TrustRegionCore, "run", checking_run)
+    model, x, y = problem()
+    objective = CountingLoss()
+    opt = APTS(model, objective, subdomains=2, foc=True, global_iters=1)
+    f0 = torch.nn.functional.cross_entropy(model(x), y).item()
+    opt.step(x, y)
+    assert len(seen) == 3 and all(grads == 0 for _, grads in seen)
+    for loss, _ in seen[:2]:  # the local phases start at theta_k, where the FOC term is 0
+        assert loss == pytest.approx(f0, rel=1e-12)
+
+
+def test_rho_compares_one_function_with_batch_norm():
+    """With batch norm, f depends on how the minibatch is cut.  f(theta_k) and the trial loss are
+    both the sum over the same pieces: the serial emulation's 2 shares (those of a 2-rank run),
+    each cut into micro-batches of 7, evaluated here independently at theta_k and theta_k + s."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    _, x, y = problem()
+
+    def f(net):
+        total = 0.0
+        for half in (slice(0, 60), slice(60, 120)):
+            for start in range(half.start, half.stop, 7):
+                part = slice(start, min(start + 7, half.stop))
+                total += torch.nn.functional.cross_entropy(net(x[part]), y[part], reduction="sum").item()
+        return total / len(y)
+
+    opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=2, micro_batch=7,
+               acceptance="none", global_iters=0, radius=0.05)
+    for _ in range(3):
+        before = copy.deepcopy(model)
+        opt.step(x, y)
+        assert opt.report.accepted
+        assert opt.report.loss == pytest.approx(f(before), rel=1e-12)
+        assert opt.report.trial_loss == pytest.approx(f(model), rel=1e-12)
+        assert opt.report.rho == pytest.approx((f(before) - f(model)) / opt.report.pred, rel=1e-9)

@@ -71,6 +71,25 @@ def test_batchnorm_statistics_stay_identical_across_ranks(launch):
     assert float(np.load(out / "batchnorm.npz")["spread"]) == 0.0
 
 
+def test_every_rank_reports_the_coordinators_values(launch):
+    """f(theta_k), the trial loss, pred, rho, the radius and the loss after the global pass are the
+    same on every rank, also when the ranks' reductions differ (the perturbed case)."""
+    world, out = launch
+    for name in cases.cases(world):
+        assert float(np.load(out / f"{name}.npz")["report_spread"]) == 0.0, name
+
+
+@pytest.mark.parametrize("launch", [2, 4], indirect=True, ids=["2ranks", "4ranks"])
+def test_data_fault_on_one_rank_is_seen_by_every_rank(launch):
+    """A NaN that only rank 1's local phase sees: the loss the loop checks is NaN on every rank,
+    the step is not accepted and counts as non-finite (the loop then stops)."""
+    world, out = launch
+    rows = np.load(out / "data-fault.npz")["rows"]
+    assert rows.shape == (world, 3)
+    assert np.isnan(rows[:, 0]).all(), rows
+    assert (rows[:, 1] == 0).all() and (rows[:, 2] == 1).all(), rows
+
+
 def test_failing_rank_aborts_launch():
     start = time.monotonic()
     proc = mpirun(2, HERE / "mpi" / "fail.py", timeout=60)

@@ -3,8 +3,14 @@
     mpiexec -n P python -m mpi4py tests/mpi/cases.py OUT_DIR   (P = 1, 2 or 4)
 
 runs every case for world size P and writes ``OUT_DIR/<case>.npz`` on rank 0: the final flat
-parameters, the accept sequence, and the largest difference between any rank's parameters and rank 0's.
+parameters, the accept sequence, the largest difference between any rank's parameters (and buffers)
+and rank 0's, and between any rank's per-iteration report values and rank 0's.
 ``tests/test_mpi.py`` compares them with :func:`run_case` on one process (serial emulation).
+
+Case keywords that are not APTS keywords: ``batchnorm`` (a batch-norm layer in the network) and
+``perturb`` (on the ranks that are not their group's rank 0, every Allreduce returns a loss off by
+a random 1e-2: MPI does not promise bitwise identical reductions on every rank, pmodels/mpich#6538;
+exaggerated here so that a decision taken on a rank's own value would differ).
 """
 import os
 import sys
@@ -43,24 +49,79 @@ def cases(world):
                 out[f"N{n}-{dec}-{acc}"] = (n, dict(decomposition=dec, acceptance=acc))
         out[f"N{n}-lbfgs-local"] = (n, dict(local_model="lbfgs", global_model="lsr1"))
         out[f"N{n}-foc-half"] = (n, dict(foc=True, local_fraction=0.5, global_iters=2))
+        # batch norm with micro-batches that cut across the ranks' shares: every evaluation of an
+        # iteration must see the same cuts, the serial emulation those of the N-rank run
+        out[f"N{n}-batchnorm-micro"] = (n, dict(batchnorm=True, micro_batch=23, global_iters=2))
     if world == 4:
         for acc in ("ratio", "none"):
             out[f"N2x2-{acc}"] = (2, dict(replicas=2, acceptance=acc))
+        # replicas whose reductions differ take their group's rank-0 decisions: the run is the
+        # unperturbed serial one
+        out["N2x2-perturbed"] = (2, dict(replicas=2, perturb=True, global_iters=2))
     return out
 
 
-def run_case(kwargs, subdomains, comm=None, vary_data=False, batchnorm=False):
+REPORTED = ("loss", "trial_loss", "final_loss", "pred", "rho", "radius")
+
+
+def perturb(opt, rank):
+    """Every Allreduce of ``opt`` on this rank returns its last entry (the loss) off by N(0, 1e-2)."""
+    noise = torch.Generator().manual_seed(rank)
+    for comm in (opt.comm, opt.group):
+        def allreduce_(tensor, reduce=comm.allreduce_):
+            reduce(tensor)
+            tensor[-1] += 1e-2 * float(torch.randn((), generator=noise, dtype=torch.float64))
+            return tensor
+        comm.allreduce_ = allreduce_
+
+
+def run_case(kwargs, subdomains, comm=None, vary_data=False, batchnorm=False, full=False):
+    """(final flat parameters, accept sequence); with ``full`` also the flat buffers and the
+    per-iteration report values REPORTED."""
+    kwargs = dict(kwargs)
+    batchnorm = kwargs.pop("batchnorm", batchnorm)
+    perturbed = kwargs.pop("perturb", False)
     rank = 0 if comm is None else comm.Get_rank()
     model, x, y = problem(rank=rank, vary_data=vary_data, batchnorm=batchnorm)
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
                subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3, **CONSTANTS, **kwargs)
-    accepted = []  # per iteration: APTS step accepted, global-pass steps accepted
+    if perturbed and comm is not None and opt.group.rank != 0:
+        perturb(opt, rank)
+    accepted, reported = [], []  # per iteration: APTS step accepted, global-pass steps accepted
     for _ in range(ITERATIONS):
         opt.step(x, y)
         accepted.append((opt.report.accepted, opt.report.global_accepted))
-    state = list(model.parameters()) + list(model.buffers())
-    flat = torch.cat([t.detach().reshape(-1).double() for t in state])
-    return flat.numpy().copy(), np.array(accepted)
+        reported.append([getattr(opt.report, k) for k in REPORTED])
+    # the parameters follow the serial emulation; batch-norm running statistics are the
+    # coordinator's (broadcast), which the serial emulation's forward passes do not reproduce
+    flat = torch.cat([t.detach().reshape(-1).double() for t in model.parameters()])
+    if not full:
+        return flat.numpy().copy(), np.array(accepted)
+    buffers = [t.detach().reshape(-1).double() for t in model.buffers()]
+    buffers = torch.cat(buffers).numpy().copy() if buffers else np.zeros(0)
+    return flat.numpy().copy(), np.array(accepted), buffers, np.array(reported)
+
+
+def data_fault(comm):
+    """Rank 1's copy of the minibatch has a NaN in a sample of rank 0's share: rank 1 alone sees
+    it, in its local phase.  Returns this rank's (report.loss, record()) after one iteration."""
+    model, x, y = problem()
+    if comm.Get_rank() == 1:
+        x[0, 0] = float("nan")
+    opt = APTS(model, torch.nn.functional.cross_entropy, comm, seed=3, **CONSTANTS)
+    opt.step(x, y)
+    row = opt.record()
+    return [opt.report.loss, row["accepted"], row["nonfinite"]]
+
+
+def spread(values):
+    """The largest difference to rank 0's values (NaN where rank 0's is NaN counts as equal)."""
+    worst = 0.0
+    for v in values[1:]:
+        same_nan = np.isnan(v) & np.isnan(values[0])
+        diff = np.where(same_nan, 0.0, np.abs(v - values[0]))
+        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
+    return worst
 
 
 def main(out_dir, only=""):
@@ -74,13 +135,18 @@ def main(out_dir, only=""):
     for name, (subdomains, kwargs) in todo.items():
         if only and only not in name:
             continue
-        flat, accepted = run_case(kwargs, subdomains, comm, vary_data=name == "different-data",
-                                  batchnorm=name == "batchnorm")
-        gathered = comm.gather(flat, root=0)
+        flat, accepted, buffers, reported = run_case(
+            kwargs, subdomains, comm, vary_data=name == "different-data",
+            batchnorm=name == "batchnorm", full=True)
+        gathered = comm.gather((np.concatenate([flat, buffers]), reported), root=0)
         if comm.Get_rank() == 0:
-            spread = max(float(np.abs(f - gathered[0]).max()) for f in gathered)
             np.savez(os.path.join(out_dir, f"{name}.npz"), flat=flat, accepted=accepted,
-                     spread=spread, world=world)
+                     spread=spread([g[0] for g in gathered]),
+                     report_spread=spread([g[1] for g in gathered]), world=world)
+    if world > 1 and (not only or only in "data-fault"):
+        rows = comm.gather(data_fault(comm), root=0)
+        if comm.Get_rank() == 0:
+            np.savez(os.path.join(out_dir, "data-fault.npz"), rows=np.array(rows), world=world)
 
 
 if __name__ == "__main__":
