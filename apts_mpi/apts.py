@@ -1,4 +1,4 @@
-"""APTS: one parameter subdomain per rank (apts-method.md sections 2, 3 and 6).
+"""APTS: one parameter subdomain per rank (docs/method.md sections 2, 3 and 6).
 
 One iteration on a minibatch B (the same on every rank; kept fixed for the whole iteration):
 
@@ -16,7 +16,7 @@ One iteration on a minibatch B (the same on every rank; kept fixed for the whole
    gradient summed over the ranks' shares of B; every decision of the engine (stop, trial loss,
    finiteness) is taken on rank 0's values, broadcast (the engine's ``agree`` hook).
 
-Decisions this module takes where the method page leaves room (apts-method.md sections 3-6):
+Decisions this module takes where the method page leaves room (docs/method.md sections 3-6):
 
 * Local budget.  Every local step radius is min(local radius, b) with b = local_fraction * Delta_k,
   and the accumulated correction u is clipped to the box ||u||_inf <= b; the predicted decrease of a
@@ -57,22 +57,22 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from . import options
 from .comm import BufferSync, Comm
-from .optimizers import Optimizer
-from .decomposition import STRATEGIES, Subdomain, decompose
+from .decomposition import Subdomain, decompose
+from .errors import InputError
 from .objective import as_objective, batch_size, chunks, share
-from .trust_region import MODELS, TrustRegionConfig, TrustRegionCore, update_radius
-
-ACCEPTANCE = ("ratio", "none", "nonmonotone")
+from .optimizers import Optimizer
+from .trust_region import TrustRegionConfig, TrustRegionCore, update_radius
 
 
 @dataclass
 class IterationReport:
-    """What one APTS iteration did (apts-method.md section 3, step 6)."""
+    """What one APTS iteration did (docs/method.md section 3, step 6)."""
 
     loss: float = math.nan            # f(theta_k)
     trial_loss: float = math.nan      # f(theta_k + s)
@@ -97,12 +97,6 @@ class IterationReport:
     seconds: float = 0.0
 
 
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
 class APTS(Optimizer):
     """Additively Preconditioned Trust-region Strategy across the ranks of ``comm``.
 
@@ -113,55 +107,40 @@ class APTS(Optimizer):
     ``cross_entropy``, wrapped in ``SampleLoss``).  ``comm`` is an mpi4py communicator
     (default ``COMM_SELF``: serial emulation).
 
-    Keywords (validated): the TrustRegion radius keywords ``radius``, ``max_radius``,
-    ``min_radius``, ``eta1``, ``eta2``, ``decrease``, ``increase``, ``norm``; ``subdomains``
-    (default: world size / replicas), ``decomposition`` ("balanced", "random-tensors", "flat"),
-    ``local_iters=5``, ``local_fraction=1.0``, ``local_model`` ("first-order", "lsr1", "lbfgs"),
-    ``memory=5``, ``acceptance`` ("ratio", "none", "nonmonotone"), ``window=5``, ``global_iters=1``
-    (0: no global pass), ``global_model="first-order"``, ``foc=False``, ``seed=0``, ``replicas=1``,
-    ``step="cauchy"``, ``micro_batch=None``.  ``report`` holds the :class:`IterationReport` of the
-    last iteration, ``record()`` its row of the per-iteration series.
+    Keywords: those of the ``apts`` table in :mod:`apts_mpi.options` (defaults, types, allowed
+    values and checks are written there once): the trust-region constants ``radius``,
+    ``max_radius``, ``min_radius``, ``eta1``, ``eta2``, ``decrease``, ``increase``, ``norm``,
+    ``step``, ``memory``; ``subdomains`` (default: world size / replicas), ``decomposition``,
+    ``local_iters``, ``local_fraction``, ``local_model``, ``acceptance``, ``window``,
+    ``global_iters`` (0: no global pass), ``global_model``, ``foc``, ``replicas``,
+    ``micro_batch``; and ``seed`` (for the ``random-tensors`` decomposition).  ``report`` holds the
+    :class:`IterationReport` of the last iteration, ``record()`` its row of the per-iteration series.
 
-    Raises ValueError for a bad keyword or a world size that does not match subdomains * replicas.
+    Raises InputError (a ValueError) for a bad keyword or a world size that does not match
+    subdomains * replicas.
     """
 
-    def __init__(self, model, objective, comm=None, *, radius=0.01, max_radius=0.1, min_radius=1e-4,
-                 eta1=0.25, eta2=0.75, decrease=0.5, increase=2.0, norm="inf", step="cauchy",
-                 subdomains=None, decomposition="balanced", local_iters=5, local_fraction=1.0,
-                 local_model="first-order", memory=5, acceptance="ratio", window=5, global_iters=1,
-                 global_model="first-order", foc=False, seed=0, replicas=1, micro_batch=None):
+    def __init__(self, model, objective, comm=None, *, seed=0, **keywords):
+        o = options.resolve("apts", keywords)
         self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world = self.comm.size
-        self.replicas = _positive_int("replicas", replicas)
+        self.replicas, subdomains = o["replicas"], o["subdomains"]
         if world % self.replicas:
-            raise ValueError(f"world size {world} is not divisible by replicas={self.replicas}")
+            raise InputError(f"world size {world} is not divisible by replicas={self.replicas}")
         if world > 1:
             expected = world // self.replicas
             if subdomains is not None and subdomains != expected:
-                raise ValueError(f"subdomains={subdomains} needs {subdomains * self.replicas} ranks "
+                raise InputError(f"subdomains={subdomains} needs {subdomains * self.replicas} ranks "
                                  f"with replicas={self.replicas}; the world has {world}")
             subdomains = expected
-        self.n_subdomains = _positive_int("subdomains", 1 if subdomains is None else subdomains)
-        self.local_iters = _positive_int("local_iters", local_iters)
-        self.global_iters = _positive_int("global_iters", global_iters, minimum=0)
-        self.window = _positive_int("window", window)
-        if not (isinstance(local_fraction, (int, float)) and 0 < local_fraction <= 1):
-            raise ValueError(f"local_fraction must lie in (0, 1]; got {local_fraction!r}")
-        self.local_fraction = float(local_fraction)
-        if acceptance not in ACCEPTANCE:
-            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}; got {acceptance!r}")
-        if local_model not in MODELS or global_model not in MODELS:
-            raise ValueError(f"local_model and global_model must be one of {', '.join(MODELS)}; "
-                             f"got {local_model!r}, {global_model!r}")
-        if decomposition not in STRATEGIES:
-            raise ValueError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {decomposition!r}")
-        self.acceptance, self.foc = acceptance, bool(foc)
-        self.micro_batch = None if micro_batch is None else _positive_int("micro_batch", micro_batch)
+        self.n_subdomains = 1 if subdomains is None else subdomains
+        self.local_iters, self.global_iters, self.window = o["local_iters"], o["global_iters"], o["window"]
+        self.local_fraction, self.acceptance, self.foc = o["local_fraction"], o["acceptance"], o["foc"]
+        self.micro_batch = o["micro_batch"]
+        local_model, global_model, decomposition = o["local_model"], o["global_model"], o["decomposition"]
 
-        base = dict(radius=radius, max_radius=max_radius, min_radius=min_radius, eta1=eta1,
-                    eta2=eta2, decrease=decrease, increase=increase, memory=memory, norm=norm,
-                    step=step)
+        base = {k: o[k] for k in options.options("trust-region") if k != "model"}
         self.config = TrustRegionConfig(model=global_model, **base)
         local_config = TrustRegionConfig(model=local_model, **base)
         self.radius = self.config.radius
@@ -336,7 +315,8 @@ class APTS(Optimizer):
             batch = batch[0]
         batch = tuple(batch)
         t_start = time.perf_counter()
-        comm, world = self.comm, self.comm.size
+        comm = self.comm
+
         def in_collectives():
             return comm.seconds + comm.waiting + self.group.seconds + self.group.waiting
         wait0, comm_s0 = comm.waiting + self.group.waiting, in_collectives()
@@ -450,12 +430,3 @@ class APTS(Optimizer):
         self.global_core.load_state_dict(state["global"])
         for d, c in self.local.items():
             c.load_state_dict(state["local"][str(d)])
-
-    def record(self) -> dict:  # PROVISIONAL (integration): the iteration as the loop's series
-        r = self.report
-        return dict(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
-                    accepted=int(r.accepted), nonfinite=int(not math.isfinite(r.trial_loss)),
-                    step_inf=r.step_inf, loss_evals=r.local_loss_evals_total + r.global_loss_evals,
-                    grad_evals=r.local_grad_evals_total + r.global_grad_evals,
-                    seconds_local=r.seconds_local, seconds_comm=r.seconds_comm,
-                    seconds_global=r.seconds_global)

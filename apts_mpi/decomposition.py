@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .options import DECOMPOSITIONS
 
-STRATEGIES = ("balanced", "random-tensors", "flat")
+STRATEGIES = DECOMPOSITIONS
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class DataParallel(Optimizer):
         before = self.evals
         counters = getattr(self.optimizer, "counters", None)
         accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
-        loss = float(self.optimizer.step(self.closure(*batch)))
+        loss = float(self.optimizer.step(self.closure(*_batch(batch))))
         _restart_stalled_lbfgs(self.optimizer)
         self.sync_buffers()
         evals = self.evals - before
@@ -228,7 +228,7 @@ def build_optimizer(cfg: dict, model, objective, comm) -> Optimizer:
     keywords = options.resolve(method, keywords)
     if method == "apts":
         from .apts import APTS
-        return APTS(model, objective.loss_fn, comm, seed=cfg["seed"], **keywords)  # PROVISIONAL
+        return APTS(model, objective, comm, seed=cfg["seed"], **keywords)
     if method not in BASELINES:
         raise ValueError(f"method must be one of {', '.join(options.TRAINABLE)}; got {method!r}")
     world = Comm(comm)

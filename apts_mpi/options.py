@@ -76,6 +76,7 @@ POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
 NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
 POSITIVE_INT = dict(check=lambda v: v >= 1, rule="must be a positive integer")
 MODELS = ("first-order", "lsr1", "lbfgs")
+DECOMPOSITIONS = ("balanced", "random-tensors", "flat")
 _models = dict(check=lambda v: v in MODELS,
                rule=f"must be one of {', '.join(MODELS)} (local_model and global_model)")
 
@@ -104,7 +105,7 @@ METHODS: dict[str, tuple[Option, ...]] = {
     "apts": TRUST_REGION + (
         Option("subdomains", None, (int, type(None)), **at_least(1),
                help="number of subdomains (default: world size / replicas)"),
-        Option("decomposition", "balanced", str, **choice("balanced", "random-tensors", "flat"),
+        Option("decomposition", "balanced", str, **choice(*DECOMPOSITIONS),
                help="how the parameters are split into subdomains"),
         Option("local_iters", 5, int, **at_least(1), help="trust-region iterations per local phase"),
         Option("local_fraction", 1.0, NUMBER, check=lambda v: 0 < v <= 1, rule="must lie in (0, 1]",

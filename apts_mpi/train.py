@@ -131,7 +131,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         for idx in sampler.epoch_batches(epoch):
             batch = problem.batch(idx)
             t0 = time.perf_counter()
-            optimizer.step(*batch)
+            optimizer.step(batch)
             row = dict(optimizer.record(), epoch=epoch + 1, seconds=time.perf_counter() - t0)
             for k in ITERATION_SERIES:
                 iterations[k].append(float(row[k]))

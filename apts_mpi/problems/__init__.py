@@ -6,8 +6,11 @@ one module, registered in :data:`PROBLEMS` under the names of the data sets it s
 """
 from .base import Problem
 from .classification import Classification
+from .language import LanguageProblem
+from .pinn import PoissonProblem
 
-PROBLEMS: dict[str, type[Problem]] = {name: cls for cls in (Classification,) for name in cls.datasets}
+PROBLEMS: dict[str, type[Problem]] = {name: cls for cls in (Classification, LanguageProblem,
+                                                            PoissonProblem) for name in cls.datasets}
 DATASETS = tuple(PROBLEMS)
 
 __all__ = ["PROBLEMS", "DATASETS", "Problem"]
