@@ -91,6 +91,8 @@ class IterationReport:
     global_accepted: int = 0
     global_rejected: int = 0
     seconds_local: float = 0.0        # local phase, less the collectives in it
+    seconds_local_max: float = 0.0    # the longest local phase of one subdomain held here (serial
+                                      # emulation: the critical path an N-rank run would have)
     seconds_comm: float = 0.0         # in collectives (transfer)
     seconds_wait: float = 0.0         # waiting for the slowest rank (only with Comm.measure_wait)
     seconds_global: float = 0.0       # acceptance and global pass, less the collectives in them
@@ -336,7 +338,9 @@ class APTS(Optimizer):
         t0 = time.perf_counter()
         delta, loss0, broken = 0.0, math.nan, 0
         for d, core in self.local.items():
+            t_d = time.perf_counter()
             delta_d, f0 = self._local_phase(d, core, batch, theta)
+            r.seconds_local_max = max(r.seconds_local_max, time.perf_counter() - t_d)
             if self.comm.rank % self.replicas == 0:  # one replica reports delta_d
                 delta += delta_d
             if d == 0:
@@ -413,7 +417,8 @@ class APTS(Optimizer):
                     step_inf=r.step_inf,
                     loss_evals=r.local_loss_evals_total + r.global_loss_evals,
                     grad_evals=r.local_grad_evals_total + r.global_grad_evals,
-                    seconds_local=r.seconds_local, seconds_comm=r.seconds_comm,
+                    seconds_local=r.seconds_local, seconds_local_max=r.seconds_local_max,
+                    seconds_comm=r.seconds_comm,
                     seconds_global=r.seconds_global)
 
     # -- state ------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from .objective import as_objective, batch_size, share
 
 # the per-iteration series every optimiser reports (the loop adds "epoch" and "seconds")
 RECORD_FIELDS = ("loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
-                 "loss_evals", "grad_evals", "seconds_local", "seconds_comm", "seconds_global")
+                 "loss_evals", "grad_evals", "seconds_local", "seconds_local_max", "seconds_comm",
+                 "seconds_global")
 RECORD_DEFAULTS = dict(radius=math.nan, rho=math.nan, accepted=-1, nonfinite=0, step_inf=math.nan,
-                       seconds_local=math.nan, seconds_comm=math.nan, seconds_global=math.nan)
+                       seconds_local=math.nan, seconds_local_max=math.nan, seconds_comm=math.nan,
+                       seconds_global=math.nan)
 
 
 def dumps(state) -> bytes:

@@ -116,7 +116,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     attrs = {"method": cfg["optimizer"]["method"], "seed": cfg["seed"], "config": cfg,
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
-             "subdomains": optimizer.n_subdomains}
+             "subdomains": optimizer.n_subdomains, "n_train": problem.n_train}
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
         totals = {k: int(epochs[k][-1]) for k in totals}
