@@ -26,6 +26,7 @@ from .comm import BufferSync, Comm, select_device
 from .data import MinibatchSampler, load_dataset
 from .decomposition import Subdomain
 from .models import build_model
+from .preemption import Preempted, StopRequest
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
 from .trust_region import TrustRegion
 
@@ -190,8 +191,27 @@ class Experiment:
         return self
 
 
-def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None):
+def _save_now(checkpoint, meta, comm, model, optimizer, sampler, epoch, seconds, iterations, epochs,
+              totals, stall):
+    """Collective: a checkpoint of the state after the current iteration (a requested stop; the
+    same payload as the epoch-end write, plus the counters a mid-epoch resume needs)."""
+    opt_state = (comm.gather(optimizer.state_dict(), root=0) if isinstance(optimizer, APTS)
+                 else optimizer.optimizer.state_dict())
+    if comm.Get_rank() == 0:
+        payload = {"model": model.state_dict(), "sampler": sampler.state_dict(),
+                   "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
+                   "iterations": iterations, "epochs": epochs, "totals": dict(totals), "stall": stall,
+                   "optimizer": ({str(r): _dumps(s) for r, s in enumerate(opt_state)}
+                                 if isinstance(optimizer, APTS) else _dumps(opt_state))}
+        save_checkpoint(checkpoint, payload, meta)
+
+
+def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None,
+          stop: StopRequest | None = None):
     """Run the experiment of the resolved config ``cfg``; returns the per-epoch series (all ranks).
+
+    With ``stop`` (its handlers installed), every iteration ends with one collective asking whether
+    a rank received SIGTERM/SIGUSR1; if so every rank writes a checkpoint and raises ``Preempted``.
 
     Raises ConfigError / DataError / ResultsError / ValueError for input that cannot run, before any
     file is written (build ``Experiment`` first to separate the checks from the run).
@@ -225,7 +245,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         epochs = {k: list(saved_epochs.get(k, [0.0] * len(saved_epochs["epoch"]))) for k in epochs}
         start_epoch, elapsed = int(payload["epoch"]), float(payload["seconds"])
     elif rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=False)  # existence checked by the caller; race = error
+        out_dir.mkdir(parents=True, exist_ok=True)  # the CLI creates and locks it beforehand
 
     attrs = {"method": cfg["optimizer"]["method"], "seed": cfg["seed"], "config": cfg,
              "world_size": world.size, "device": str(device), "apts_mpi": __version__,
@@ -234,14 +254,22 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
         totals = {k: int(epochs[k][-1]) for k in totals}
+    stall, stopped = 0, None
+    row = {"radius": iterations["radius"][-1] if iterations["radius"] else math.nan}
+    if resume and "totals" in payload:  # a mid-epoch checkpoint (a requested stop)
+        totals, stall = {k: int(v) for k, v in payload["totals"].items()}, int(payload["stall"])
     if resume and rank == 0:  # temporary files of a write that a kill interrupted
         for leftover in out_dir.glob(".*.tmp-*"):
             leftover.unlink()
-    stall, stopped = 0, None
     min_radius = cfg["optimizer"].get("min_radius")
     for epoch in range(start_epoch, cfg["epochs"]):
         t_epoch = time.perf_counter()
-        for idx in sampler.epoch_batches(epoch):
+        batches = sampler.epoch_batches(epoch)
+        # a mid-epoch resume starts past the minibatches done (the sampler's state says the next
+        # epoch when the stop came after the last one)
+        first = sampler.position if sampler.epoch == epoch else len(batches)
+        for position in range(first, len(batches)):
+            idx = batches[position]
             x, y = train_x[idx.to(device)], train_y[idx.to(device)]
             t0 = time.perf_counter()
             loss = optimizer.step(x, y)
@@ -263,6 +291,14 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                            f"{row['rho']:.3g}): no progress, stopping")
             if stopped:
                 break
+            # requested stop (apts_mpi/preemption.py): one collective, the same answer on every rank
+            signal_name = stop.agreed(comm) if stop is not None else None
+            if signal_name:
+                sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "position": position + 1})
+                _save_now(checkpoint, meta, comm, model, optimizer, sampler, epoch,
+                          elapsed + time.perf_counter() - t_epoch, iterations, epochs, totals, stall)
+                raise Preempted(f"{signal_name} received: checkpoint written in epoch {epoch + 1} after "
+                                f"minibatch {position + 1} of {len(batches)}; continue with --resume")
         else:
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
