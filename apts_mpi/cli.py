@@ -104,10 +104,13 @@ def _fail(message, comm=None, status=2, what="error"):
     """One message from rank 0, exit ``status`` on every rank (all ranks call this together)."""
     if status == 2 and _held is not None:
         _held.abandon()
-    if comm is None or comm.Get_rank() == 0:
+    rank = 0 if comm is None else comm.Get_rank()
+    if rank == 0 and (comm is None or comm.Get_size() > 1 or _launched_rank() == 0):
+        # (srun's one-rank worlds: only the launch's first task prints)
         print(f"apts-mpi: {what}: {message}", file=sys.stderr, flush=True)
     if comm is not None and comm.Get_size() > 1:
         from mpi4py import MPI
+        comm.Barrier()  # rank 0 has written its files: a launcher may kill the rest on one's exit
         MPI.Finalize()  # every rank agreed on the error: leave without MPI_Abort's noise
         sys.stdout.flush()
         os._exit(status)
