@@ -58,6 +58,8 @@ class RunFolder:
         self.out, self.created, self.fresh = out, False, not resume
         if resume and not out.is_dir():
             raise ValueError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE} (no such folder)")
+        # the outermost folder this run creates, removed again if the set-up fails
+        self.top = next((p for p in [out, *out.parents] if p.parent.exists()), out)
         try:
             out.mkdir(parents=True)
             self.created = True
@@ -96,7 +98,7 @@ class RunFolder:
     def abandon(self):
         """Remove the folder if this run created it (a set-up step failed; nothing is left behind)."""
         if self.created:
-            shutil.rmtree(self.out, ignore_errors=True)
+            shutil.rmtree(self.top, ignore_errors=True)
             self.created = False
 
 

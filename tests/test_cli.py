@@ -401,7 +401,7 @@ BAD_INPUT = {
     "world size not divisible by replicas": ("train {config} --set optimizer.replicas=3 --out {out}",
                                              ["world size 1", "optimizer.replicas=3"]),
     "MNIST files missing": ("train {config} --set data.dataset=mnist --set data.root={tmp}/no-data "
-                            "--out {out}", ["train-images-idx3-ubyte", "no-data"]),
+                            "--out {out}/deeper/run", ["train-images-idx3-ubyte", "no-data"]),
     "IDX file malformed": ("train {config} --set data.dataset=mnist --set data.root={tmp}/bad-idx "
                            "--out {out}", ["magic", "bad-idx/MNIST/raw/train-images-idx3-ubyte"]),
     "device cuda without CUDA": ("train {config} --set device=cuda --out {out}", ["'cuda'"]),
