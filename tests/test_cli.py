@@ -699,7 +699,8 @@ def test_console_script_aborts_the_job_when_one_rank_raises(tmp_path):
         pytest.fail(f"no console script at {script} or no mpiexec: install the project")
     (tmp_path / "fault").mkdir()
     (tmp_path / "fault" / "sitecustomize.py").write_text(FULL_DISK)
-    args = [str(script), "train", str(CONFIG), "--set", "epochs=3", "--out", str(tmp_path / "run")]
+    args = [str(script), "train", str(CONFIG), "--set", "epochs=5", "--set", "checkpoint_every=1",
+            "--out", str(tmp_path / "run")]  # rank 1 goes on to epoch 2, rank 0 into MPI_Finalize
     cmd = [MPIEXEC, "-n", "1", "env", f"PYTHONPATH={tmp_path / 'fault'}{os.pathsep}{ENV['PYTHONPATH']}",
            *args, ":", "-n", "1", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
