@@ -4,23 +4,43 @@
     apts-mpi report runs/*
     apts-mpi plot runs/* --out runs/figure.png
 
-Input that cannot run (config, data files, output folder, checkpoint, device, rank count) is found
-before any work and any file is written; every rank takes part in the check, rank 0 prints one
-line ``apts-mpi: error: ...`` and every rank exits with status 2 (no MPI abort, nothing left behind).
-A run that cannot go on (a non-finite loss, a radius stuck at its minimum for ``stall_iterations``
-iterations) writes its metrics, prints ``apts-mpi: stopped: ...`` once and exits with status 3.
+Exit statuses of ``train``:
+
+* 0: the run ended (its epochs, or its target accuracy).
+* 1: an unexpected error (a traceback; with several ranks the whole job is aborted, MPI_Abort,
+  also when started by the ``apts-mpi`` console script rather than ``python -m mpi4py``).
+* 2: input that cannot run (config, data files or non-finite data, output folder, checkpoint,
+  device, rank count, a run folder in use by another run) is found before any work and any file
+  is written; every rank takes part in the check, rank 0 prints one line ``apts-mpi: error: ...``
+  and every rank exits with status 2 (no MPI abort, nothing left behind).
+* 3: a run that cannot go on (a non-finite loss, a radius stuck at its minimum for
+  ``stall_iterations`` iterations) writes its metrics, prints ``apts-mpi: stopped: ...`` once.
+* 75 (EX_TEMPFAIL): stopped, resumable.  SIGTERM (a SLURM time limit, pre-emption, requeue,
+  scancel) or SIGUSR1 (``sbatch --signal=USR1@SECONDS``) on any rank: every rank finishes its
+  iteration, a checkpoint is written (mid-epoch if need be) and ``--resume`` continues the run
+  bit for bit as if it had not stopped (apts_mpi/preemption.py).
+
+A run folder is held by one run at a time: rank 0 holds an ``flock`` on the folder while the run
+lives (the kernel drops it when the process dies, so a killed run never blocks the next).  An
+empty run folder (a run killed before its first checkpoint) is taken up again by a plain run and
+by ``--resume``.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
+import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from . import config as configuration
 from .errors import InputError
-from .results import CHECKPOINT_FILE, ResultsError, load_checkpoint, plot_runs, report_table
+from .preemption import EXIT_RESUMABLE, Preempted, StopRequest
+from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, plot_runs,
+                      read_metrics, report_table)
 
 # the project's own input errors (config, data, options, checkpoint, world size, device, output
 # folder): one line and exit 2; anything else is a fault of the program and keeps its traceback
@@ -28,12 +48,73 @@ USER_ERRORS = (InputError, ResultsError)
 log = logging.getLogger("apts_mpi")
 
 
+_held = None  # rank 0's RunFolder: its lock lasts as long as the process
+
+
+class RunFolder:
+    """Rank 0's hold on a run folder: created here or taken up again, and locked (``flock`` on the
+    folder itself, so nothing is added to it) for the life of the process: a second run on the
+    folder is refused instead of clobbering it, and a killed run's lock dies with it."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.out, self.created, self.fresh = out, False, not resume
+        if resume and not out.is_dir():
+            raise InputError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE} (no such folder)")
+        # the outermost folder this run creates, removed again if the set-up fails
+        self.top = next((p for p in [out, *out.parents] if p.parent.exists()), out)
+        try:
+            out.mkdir(parents=True)
+            self.created = True
+        except FileExistsError:
+            if not out.is_dir():
+                raise InputError(f"output {out} exists and is not a folder") from None
+        except OSError as e:
+            raise InputError(f"output folder {out} cannot be created: {e.strerror}") from None
+        self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"run folder {out} is in use by another run (it holds the folder's "
+                             "lock): wait for it to end, or choose another --out") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            self.abandon()
+            raise InputError(f"output folder {out} is not writable")
+        if not self.created:
+            self._check_existing(resume)
+
+    def _check_existing(self, resume):
+        if not resume and (self.out / CHECKPOINT_FILE).exists():
+            raise InputError(f"output folder {self.out} exists (pass --resume to continue it, or "
+                             "choose another --out)")
+        # under the lock nothing else writes here: temporary files are leftovers of a kill
+        for leftover in self.out.glob(".*.tmp-*"):
+            leftover.unlink()
+        if not any(self.out.iterdir()):  # a run killed before its first checkpoint: start again
+            self.fresh = True
+        elif resume and not (self.out / CHECKPOINT_FILE).exists():
+            raise InputError(f"--resume: no checkpoint at {self.out / CHECKPOINT_FILE}")
+        elif not resume:
+            raise InputError(f"output folder {self.out} exists (pass --resume to continue it, or "
+                             "choose another --out)")
+
+    def abandon(self):
+        """Remove the folder if this run created it (a set-up step failed; nothing is left behind)."""
+        if self.created:
+            shutil.rmtree(self.top, ignore_errors=True)
+            self.created = False
+
+
 def _fail(message, comm=None, status=2, what="error"):
     """One message from rank 0, exit ``status`` on every rank (all ranks call this together)."""
-    if comm is None or comm.Get_rank() == 0:
+    if status == 2 and _held is not None:
+        _held.abandon()
+    rank = 0 if comm is None else comm.Get_rank()
+    if rank == 0 and (comm is None or comm.Get_size() > 1 or _launched_rank() == 0):
+        # (srun's one-rank worlds: only the launch's first task prints)
         print(f"apts-mpi: {what}: {message}", file=sys.stderr, flush=True)
     if comm is not None and comm.Get_size() > 1:
         from mpi4py import MPI
+        comm.Barrier()  # rank 0 has written its files: a launcher may kill the rest on one's exit
         MPI.Finalize()  # every rank agreed on the error: leave without MPI_Abort's noise
         sys.stdout.flush()
         os._exit(status)
@@ -41,17 +122,47 @@ def _fail(message, comm=None, status=2, what="error"):
 
 
 def _check_slurm(world_size):
-    ntasks = os.environ.get("SLURM_NTASKS")
-    if ntasks is not None and ntasks.isdigit() and int(ntasks) != world_size:
-        raise InputError(f"the MPI world has {world_size} rank(s) but SLURM_NTASKS={ntasks}: the "
-                         "launcher started separate one-rank jobs (use srun with an MPI-enabled "
-                         "mpi4py, or mpirun)")
+    """srun without a working MPI plugin starts N one-rank worlds: a world of 1 inside a job step of
+    more than one task.  (SLURM_STEP_NUM_TASKS is set inside a step only; SLURM_NTASKS is the
+    allocation's, and mpirun's proxy step sets it to 1 on every rank, so it proves nothing.)"""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if world_size == 1 and tasks.isdigit() and int(tasks) > 1:
+        raise InputError(f"srun started {tasks} separate one-rank MPI worlds "
+                         f"(SLURM_STEP_NUM_TASKS={tasks}, world size 1): give srun the MPI plugin "
+                         "of mpi4py's MPI (srun --mpi=pmi2 for MPICH, --mpi=pmix for Open MPI)")
+
+
+def _flat(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _config_difference(cfg, out):
+    """The keys that set the trajectory and differ between ``cfg`` and the run in ``out`` (whose
+    resolved config metrics.h5 keeps), as one phrase."""
+    try:
+        stored = read_metrics(out / METRICS_FILE)[2]["config"]
+    except Exception:  # no readable metrics: the hash alone must do
+        return "the config differs"
+    mine, theirs = _flat(cfg), _flat(stored)
+    ignored = set(configuration.RESUMABLE) | {"data.root", "data.download"}
+    keys = sorted(k for k in set(mine) | set(theirs)
+                  if k not in ignored and mine.get(k) != theirs.get(k))
+    if not keys:
+        return "the config differs"
+    return "different " + ", ".join(f"{k} ({mine.get(k)!r} now, {theirs.get(k)!r} in the run)"
+                                    for k in keys)
 
 
 def _prepare(args, comm):
-    """Validate everything that can be checked before training; returns the resolved config."""
+    """Validate everything that can be checked before training; returns the resolved config, the
+    run folder and whether the run resumes a checkpoint."""
+    global _held
     cfg = configuration.load(args.config, args.set)
     _check_slurm(comm.Get_size())
+    if args.out is not None and not args.out.strip():
+        raise InputError("--out is empty: give the run folder")
     out = Path(args.out or Path("runs") / cfg["name"])
     opt = cfg["optimizer"]
     if opt["method"] == "apts":
@@ -66,24 +177,28 @@ def _prepare(args, comm):
         import torch
         if not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for, but torch finds no CUDA device")
+    resume = args.resume
     if comm.Get_rank() == 0:
-        if args.resume:
-            if not (out / CHECKPOINT_FILE).exists():
-                raise InputError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}")
-            payload, _ = load_checkpoint(out / CHECKPOINT_FILE,
-                                         expect={"config_hash": configuration.digest(cfg),
-                                                 "world_size": comm.Get_size()})
+        _held = RunFolder(out, args.resume)  # created or locked, or refused with one line
+        resume = not _held.fresh
+        if resume:
+            path = out / CHECKPOINT_FILE
+            payload, meta = load_checkpoint(path)
+            if meta.get("config_hash") != configuration.digest(cfg):
+                raise InputError(f"--resume: {out} was written with another config: "
+                                 f"{_config_difference(cfg, out)} (config_hash "
+                                 f"{meta.get('config_hash')!r}, this config's is "
+                                 f"{configuration.digest(cfg)!r})")
+            if meta.get("world_size") != comm.Get_size():
+                raise InputError(f"{path}: checkpoint meta 'world_size' is {meta.get('world_size')!r}, "
+                                 f"expected {comm.Get_size()!r}")
             if payload["epoch"] > cfg["epochs"]:  # else the run would end at once, silently
                 raise InputError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
                                  f"past epochs={cfg['epochs']}")
-        else:
-            if out.exists():
-                raise InputError(f"output folder {out} exists (pass --resume to continue it, or "
-                                 "choose another --out)")
-            parent = next((p for p in out.absolute().parents if p.exists()), None)
-            if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-                raise InputError(f"output folder {out} cannot be created: {parent} is not writable")
-    return cfg, out
+        elif args.resume:
+            log.info("%s holds no checkpoint (the run was stopped before its first): starting "
+                     "from epoch 0", out)
+    return cfg, out, resume
 
 
 def _agreed(comm, step):
@@ -107,16 +222,21 @@ def _cmd_train(args):
     from .train import Experiment, TrainingStopped, train
 
     comm = MPI.COMM_WORLD
-    cfg, out = _agreed(comm, lambda: _prepare(args, comm))
+    stop = StopRequest().install()  # from here a SIGTERM/SIGUSR1 stops the run resumably
+    cfg, out, resume = _agreed(comm, lambda: _prepare(args, comm))
+    resume = comm.bcast(resume, root=0)  # rank 0 looked at the folder
     experiment = _agreed(comm, lambda: Experiment(cfg, comm))  # device, data, model
+    _agreed(comm, experiment.problem.check_finite)  # a damaged file, a fault on one node
     _agreed(comm, experiment.build)  # the optimiser (APTS splits communicators: all ranks here)
     if comm.Get_rank() == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.Get_size(), out)
     try:
-        train(cfg, out, comm, resume=args.resume, experiment=experiment)
+        train(cfg, out, comm, resume=resume, experiment=experiment, stop=stop)
     except TrainingStopped as e:  # raised on every rank at the same iteration
         _fail(str(e), comm, status=3, what="stopped")
+    except Preempted as e:  # raised on every rank at the same iteration
+        _fail(str(e), comm, status=EXIT_RESUMABLE, what="stopped")
 
 
 def _cmd_report(args):
@@ -128,8 +248,27 @@ def _cmd_plot(args):
     print(f"wrote {args.out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors printed by rank 0 only when several ranks were launched."""
+
+    def error(self, message):
+        if _launched_rank() != 0:
+            sys.exit(2)
+        super().error(message)
+
+
+def _launched_rank():
+    """This process's rank in an MPI launch, from the launcher's environment (MPICH/Hydra, Open MPI,
+    PMIx, srun), without initialising MPI; 0 outside a launch."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="apts-mpi", description=__doc__.split("\n")[0])
+    p = _Parser(prog="apts-mpi", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config (under mpiexec for several ranks)")
     t.add_argument("config")
@@ -162,7 +301,17 @@ def main(argv=None):
             return args.func(args)
         except USER_ERRORS as e:
             _fail(e)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception:
+        # an uncaught error on one rank would leave the others waiting in a collective for ever:
+        # abort the whole job, as `python -m mpi4py` does (the console script is not run by it)
+        from mpi4py import MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            traceback.print_exc()
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
+        raise
 
 
 if __name__ == "__main__":

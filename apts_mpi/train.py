@@ -24,6 +24,7 @@ from .comm import Comm, select_device
 from .data import MinibatchSampler
 from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
+from .preemption import Preempted, StopRequest
 from .problems import PROBLEMS
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
 
@@ -80,8 +81,23 @@ class Experiment:
         return value >= self.target if self.target_mode == "max" else value <= self.target
 
 
-def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None):
+def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, **extra):
+    """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
+    opt_state = ex.optimizer.checkpoint_state(comm)
+    if comm.Get_rank() == 0:
+        payload = {"model": ex.model.state_dict(), "sampler": ex.sampler.state_dict(),
+                   "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
+                   "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
+        save_checkpoint(path, payload, meta)
+
+
+def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None,
+          stop: StopRequest | None = None):
     """Run the experiment of the resolved config ``cfg``; returns the per-epoch series (all ranks).
+
+    With ``stop`` (its handlers installed), every iteration ends with one collective asking whether
+    a rank received SIGTERM/SIGUSR1; if so every rank writes a checkpoint (mid-epoch: the sampler's
+    position, the counters) and raises ``Preempted``.
 
     Raises InputError (config, data, options) or ResultsError for input that cannot run, before any
     file is written (build ``Experiment`` first to separate the checks from the run).
@@ -111,7 +127,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         epochs = {k: list(saved_epochs.get(k, [0.0] * len(saved_epochs["epoch"]))) for k in epochs}
         start_epoch, elapsed = int(payload["epoch"]), float(payload["seconds"])
     elif rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=False)  # existence checked by the caller; race = error
+        out_dir.mkdir(parents=True, exist_ok=True)  # the CLI creates and locks it beforehand
 
     attrs = {"method": cfg["optimizer"]["method"], "seed": cfg["seed"], "config": cfg,
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
@@ -120,22 +136,26 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
         totals = {k: int(epochs[k][-1]) for k in totals}
+    stall, stopped = 0, None
+    if resume and "totals" in payload:  # a mid-epoch checkpoint (a requested stop)
+        totals, stall = {k: int(v) for k, v in payload["totals"].items()}, int(payload["stall"])
     if resume and rank == 0:  # temporary files of a write that a kill interrupted
         for leftover in out_dir.glob(".*.tmp-*"):
             leftover.unlink()
-    stall, stopped = 0, None
     min_radius = cfg["optimizer"].get("min_radius")
     for epoch in range(start_epoch, cfg["epochs"]):
         t_epoch = time.perf_counter()
-        epoch_losses = []
-        for idx in sampler.epoch_batches(epoch):
-            batch = problem.batch(idx)
+        batches = sampler.epoch_batches(epoch)
+        # a mid-epoch resume starts past the minibatches done (the sampler's state says the next
+        # epoch when the stop came after the last one)
+        first = sampler.position if sampler.epoch == epoch else len(batches)
+        for position in range(first, len(batches)):
+            batch = problem.batch(batches[position])
             t0 = time.perf_counter()
             optimizer.step(batch)
             row = dict(optimizer.record(), epoch=epoch + 1, seconds=time.perf_counter() - t0)
             for k in ITERATION_SERIES:
                 iterations[k].append(float(row[k]))
-            epoch_losses.append(row["final_loss"])
             totals["accepted"] += row["accepted"] == 1
             totals["rejected"] += row["accepted"] == 0
             totals["nonfinite"] += int(row["nonfinite"])
@@ -151,6 +171,14 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                            f"{row['rho']:.3g}): no progress, stopping")
             if stopped:
                 break
+            # requested stop (apts_mpi/preemption.py): one collective, the same answer on every rank
+            signal_name = stop.agreed(comm) if stop is not None else None
+            if signal_name:
+                sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "position": position + 1})
+                _save_checkpoint(checkpoint, meta, comm, ex, epoch, elapsed + time.perf_counter() - t_epoch,
+                                 iterations, epochs, totals=dict(totals), stall=stall)
+                raise Preempted(f"{signal_name} received: checkpoint written in epoch {epoch + 1} after "
+                                f"minibatch {position + 1} of {len(batches)}; continue with --resume")
         else:
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
@@ -158,7 +186,9 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         metrics = problem.evaluate(model, world)
         optimizer.train_mode()
         if "loss" not in metrics:  # a problem without its own: the mean loss of the epoch's iterates
-            metrics["loss"] = float(np.mean(epoch_losses)) if epoch_losses else math.nan
+            of_epoch = np.asarray(iterations["epoch"]) == epoch + 1
+            metrics["loss"] = float(np.mean(np.asarray(iterations["final_loss"])[of_epoch])) \
+                if of_epoch.any() else math.nan
         loss_evals = float(np.nansum(iterations["loss_evals"]))
         grad_evals = float(np.nansum(iterations["grad_evals"]))
         for k, v in dict(metrics, epoch=epoch + 1, seconds=elapsed, loss_evals=loss_evals,
@@ -167,8 +197,6 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         reached = ex.reached(metrics)
         last = epoch + 1 == cfg["epochs"] or reached
         save = not stopped and ((epoch + 1) % cfg["checkpoint_every"] == 0 or last)
-        if save:  # the same on every rank: the gather is collective
-            opt_state = optimizer.checkpoint_state(comm)
         if (last or stopped) and rank == 0:
             with torch.random.fork_rng(devices=[ex.device] if ex.device.type == "cuda" else []):
                 attrs.update(problem.artifacts(model))  # the run's random state stays untouched
@@ -179,12 +207,9 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
             if save or stopped:  # a stopped run keeps its last complete checkpoint
                 write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
-            if save:
-                payload = {"model": model.state_dict(), "sampler": sampler.state_dict(),
-                           "rng": {"torch": torch.get_rng_state()}, "epoch": epoch + 1,
-                           "seconds": elapsed, "iterations": iterations, "epochs": epochs,
-                           "optimizer": opt_state}
-                save_checkpoint(checkpoint, payload, meta)
+        if save:  # the same on every rank: the gather is collective
+            _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs)
+        if rank == 0:
             log.info("epoch %3d  loss %.4f  %s  radius %.2e  acc/rej %d/%d  %.1f s", epoch + 1,
                      metrics["loss"], _headline(ex.target_metric, metrics), optimizer.radius,
                      totals["accepted"], totals["rejected"], elapsed)

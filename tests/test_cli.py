@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
 PYTHON = sys.executable
 MPIEXEC = shutil.which("mpiexec", path=str(Path(PYTHON).parent) + os.pathsep + os.environ["PATH"])
-ENV = {k: v for k, v in os.environ.items() if k != "SLURM_NTASKS" and not k.startswith("PMI_")}
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_"))}
 ENV.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",  # no GPU, so device=cuda must be refused
            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 LAUNCH_TIMEOUT = 240
@@ -107,18 +107,20 @@ def _no_launch_outlives_the_module():
 class Launch:
     """One command line started in its own session, stdout/stderr into files under ``where``."""
 
-    def __init__(self, where, args, ranks=1):
+    def __init__(self, where, args, ranks=1, env=None, program=None, preexec_fn=None):
         if ranks > 1 and MPIEXEC is None:
             pytest.fail("mpiexec not found: install the project with the 'mpich' extra or a system MPI")
         where = Path(where)
         name = f"launch-{time.monotonic_ns()}"
         self.out_path, self.err_path = where / f"{name}.out", where / f"{name}.err"
         args = [str(a) for a in args]
-        cmd = ([PYTHON, "-m", "apts_mpi", *args] if ranks == 1 else
-               [MPIEXEC, "-n", str(ranks), PYTHON, "-m", "mpi4py", "-m", "apts_mpi", *args])
+        cmd = ([PYTHON, "-m", "apts_mpi", *args] if ranks == 1 and program is None else
+               [MPIEXEC, "-n", str(ranks), *(program or [PYTHON, "-m", "mpi4py", "-m", "apts_mpi"]),
+                *args])
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         cwd=where, env=ENV, start_new_session=True)
+                                         cwd=where, env={**ENV, **(env or {})},
+                                         start_new_session=True, preexec_fn=preexec_fn)
         _LAUNCHED.append(self)
 
     def result(self):
@@ -144,6 +146,17 @@ class Launch:
             self.kill()
             pytest.fail(f"{self.proc.args} still running after {timeout} s; killed")
         return self.result()
+
+    def wait_for_output(self, text, timeout=LAUNCH_TIMEOUT):
+        """Poll until ``text`` is in the launch's stdout; fails if it ends first or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while text not in self.out_path.read_text():
+            if self.proc.poll() is not None:
+                pytest.fail(f"launch ended before it printed {text!r}:\n{self.result().show()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{text!r} not printed within {timeout} s")
+            time.sleep(0.02)
 
     def wait_for(self, path, timeout=LAUNCH_TIMEOUT):
         """Poll until ``path`` exists; fails if the launch ends first or the time runs out."""
@@ -330,6 +343,7 @@ for case in json.load(sys.stdin):
             os.close(f)
         sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
         signal.alarm(case["timeout"])
+        os.environ.update(case["env"])
         sys.argv = ["apts_mpi", *case["args"]]
         code = 0
         try:
@@ -387,19 +401,29 @@ BAD_INPUT = {
     "world size not divisible by replicas": ("train {config} --set optimizer.replicas=3 --out {out}",
                                              ["world size 1", "optimizer.replicas=3"]),
     "MNIST files missing": ("train {config} --set data.dataset=mnist --set data.root={tmp}/no-data "
-                            "--out {out}", ["train-images-idx3-ubyte", "no-data"]),
+                            "--out {out}/deeper/run", ["train-images-idx3-ubyte", "no-data"]),
     "IDX file malformed": ("train {config} --set data.dataset=mnist --set data.root={tmp}/bad-idx "
                            "--out {out}", ["magic", "bad-idx/MNIST/raw/train-images-idx3-ubyte"]),
     "device cuda without CUDA": ("train {config} --set device=cuda --out {out}", ["'cuda'"]),
+    "duplicate key in the file": ("train {tmp}/twice.yaml --out {out}",
+                                  ["twice.yaml", "duplicate key 'radius'", "line 2"]),
+    "output folder cannot be created": ("train {config} --out /proc/apts-mpi-run",
+                                        ["/proc/apts-mpi-run", "cannot be created"]),
+    "output folder empty string": ("train {config} --out {empty}", ["--out is empty"]),
+    "one-rank world in a step of two tasks": ("train {config} --out {out}",
+                                              ["srun started 2 separate one-rank MPI worlds"]),
     "output folder exists": ("train {config} --out {tmp}/existing", ["existing", "--resume"]),
     "resume without checkpoint": ("train {config} --resume --out {out}", ["--resume", "checkpoint.h5"]),
     "resume a checkpoint of another config": (TR_RUN + " --set optimizer.radius=0.02 --resume --out "
-                                              "{ckpt}", ["config_hash"]),
+                                              "{ckpt}", ["config_hash", "optimizer.radius (0.02 now"]),
     "resume to fewer epochs than the checkpoint": (TR_RUN + " --set epochs=1 --resume --out {ckpt}",
                                                    ["epoch 2", "epochs=1"]),
     "report of a folder without metrics": ("report {tmp}/existing", ["existing", "metrics.h5"]),
 }
 FRESH = "unknown top-level key"  # also run from a fresh interpreter
+# the environment srun gives a task of a two-task step (without an MPI plugin: a one-rank world)
+CASE_ENV = {"one-rank world in a step of two tasks": {"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
+                                                      "SLURM_PROCID": "0"}}
 
 
 def _bad_files(tmp):
@@ -408,6 +432,7 @@ def _bad_files(tmp):
     (tmp / "binary.yaml").write_bytes(bytes(range(256)))
     (tmp / "list.yaml").write_text("- epochs\n- 3\n")
     (tmp / "ten.yaml").write_text('epochs: "ten"\n')
+    (tmp / "twice.yaml").write_text("optimizer:\n  radius: 0.01\n  method: apts\n  radius: 0.02\n")
     (tmp / "no-data").mkdir()
     raw = tmp / "bad-idx" / "MNIST" / "raw"
     raw.mkdir(parents=True)  # images: magic 0x804 (4 dimensions), not 0x803
@@ -427,8 +452,9 @@ def bad_input(tmp_path_factory, tr_runs):
     cases, outs = [], {}
     for i, (name, (line, _)) in enumerate([*BAD_INPUT.items(), ("fresh", BAD_INPUT[FRESH])]):
         outs[name] = tmp / f"out-{i}"
-        args = [word.format(config=CONFIG, tmp=tmp, ckpt=ckpt, out=outs[name]) for word in line.split()]
-        cases.append({"cwd": str(tmp), "out": str(tmp / f"case-{i}.out"),
+        args = [word.format(config=CONFIG, tmp=tmp, ckpt=ckpt, out=outs[name], empty="")
+                for word in line.split()]
+        cases.append({"cwd": str(tmp), "out": str(tmp / f"case-{i}.out"), "env": CASE_ENV.get(name, {}),
                       "err": str(tmp / f"case-{i}.err"), "timeout": 120, "args": args})
     fresh = Launch(tmp, cases.pop()["args"])
     server = subprocess.run([PYTHON, "-c", FORK_SERVER], input=json.dumps(cases), capture_output=True,
@@ -592,3 +618,180 @@ def test_a_failure_on_one_rank_ends_every_rank_with_one_message(tmp_path):
     assert time.monotonic() - start < 60
     assert_one_error_line(result, "rank 1:", "missing")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. launches in a SLURM allocation (the environment srun and mpirun give; the real thing is in
+#    tests/test_slurm.py)
+
+@pytest.fixture(scope="module")
+def slurm_environments(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slurm-env")
+    train = ["train", CONFIG, "--set", "epochs=1", "--out"]
+    # mpirun inside an allocation: Hydra starts its proxies as a one-task step, so every rank sees
+    # SLURM_NTASKS=1 and SLURM_STEP_NUM_TASKS=1 in a world of 2
+    hydra_step = {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}
+    launches = {"mpirun in an allocation": Launch(tmp, [*train, tmp / "mpirun"], 2, env=hydra_step),
+                "one process in an salloc -n 2 shell": Launch(tmp, [*train, tmp / "salloc"],
+                                                              env={"SLURM_NTASKS": "2"})}
+    return {k: launch.wait() for k, launch in launches.items()}
+
+
+@pytest.mark.parametrize("case", ["mpirun in an allocation", "one process in an salloc -n 2 shell"])
+def test_correct_launches_in_an_allocation_run(slurm_environments, case):
+    assert_ok(slurm_environments[case], case)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. SIGTERM / SIGUSR1: every rank stops after the same iteration with a checkpoint, exit 75,
+#    and --resume continues bit for bit
+
+@pytest.fixture(scope="module")
+def signalled_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("signalled")
+    base = ["train", CONFIG, *SMALL_BATCH, "--set", "epochs=4"]
+    stopped = {}
+    for name, rank in (("SIGTERM", -1), ("SIGUSR1", 0)):  # one after the other: 4 epochs take 4 s
+        launch = Launch(tmp, [*base, "--out", tmp / name], 2)
+        launch.wait_for_output("run demo:")  # set-up done: in the first epoch
+        os.kill(launch.rank_pids()[rank], getattr(signal, name))  # one rank only
+        stopped[name] = launch.wait()
+    samplers = {k: load_checkpoint(tmp / k / "checkpoint.h5")[0]["sampler"] for k in stopped}
+    resumed = run_all(tmp, {k: ([*base, "--resume", "--out", tmp / k], 2) for k in stopped})
+    return tmp, stopped, samplers, resumed
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_signal_stops_every_rank_with_a_checkpoint_and_status_75(signalled_runs, name):
+    _, stopped, samplers, _ = signalled_runs
+    result = stopped[name]
+    assert result.rc == 75, f"expected exit status 75 (stopped, resumable):\n{result.show()}"
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"apts-mpi: stopped: {name} received: checkpoint"), \
+        result.show()
+    assert samplers[name]["position"] > 0, f"not a mid-epoch checkpoint: {samplers[name]}"
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_resume_after_a_signal_is_exact(signalled_runs, apts_runs, name):
+    tmp, _, _, resumed = signalled_runs
+    assert_ok(resumed[name], f"resume after {name}")
+    assert_ok(apts_runs[1]["whole"], "APTS run 'whole'")
+    assert_same_trajectory(apts_runs[0] / "whole", tmp / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the console script under mpiexec: an error on one rank aborts the job (no hang)
+
+FULL_DISK = """# test fault: the disk of rank 0's run folder is full when the first checkpoint is written
+import errno
+import apts_mpi.results as results
+def save_checkpoint(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+results.save_checkpoint = save_checkpoint
+"""
+
+
+def test_console_script_aborts_the_job_when_one_rank_raises(tmp_path):
+    """Rank 0 raises while rank 1 waits in the next collective: without an abort the job hangs."""
+    script = Path(PYTHON).parent / "apts-mpi"
+    if not script.exists() or MPIEXEC is None:
+        pytest.fail(f"no console script at {script} or no mpiexec: install the project")
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FULL_DISK)
+    args = [str(script), "train", str(CONFIG), "--set", "epochs=5", "--set", "checkpoint_every=1",
+            "--out", str(tmp_path / "run")]  # rank 1 goes on to epoch 2, rank 0 into MPI_Finalize
+    cmd = [MPIEXEC, "-n", "1", "env", f"PYTHONPATH={tmp_path / 'fault'}{os.pathsep}{ENV['PYTHONPATH']}",
+           *args, ":", "-n", "1", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill([proc.pid, *descendants(proc.pid)])
+        proc.communicate()
+        pytest.fail("the job still ran 120 s after rank 0 raised: it hangs")
+    assert proc.returncode != 0, err
+    assert "Traceback" in err and "No space left on device (injected)" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. one run per run folder
+
+@pytest.fixture(scope="module")
+def locked_folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("locked")
+    base = ["train", CONFIG, "--set", "optimizer.method=tr", *SMALL_BATCH, "--set", "epochs=1000"]
+    first = Launch(tmp, [*base, "--out", tmp / "run"])
+    first.wait_for(tmp / "run" / "checkpoint.h5")
+    second = run_all(tmp, {"--resume": ([*base, "--resume", "--out", tmp / "run"], 1),
+                           "fresh": ([*base, "--out", tmp / "run"], 1)})
+    alive_after = first.proc.poll() is None
+    os.kill(first.proc.pid, signal.SIGTERM)
+    first_result = first.wait()
+    race = run_all(tmp, {k: (["train", CONFIG, "--set", "epochs=2", "--out", tmp / "race"], 1)
+                         for k in ("one", "two")})
+    return second, alive_after, first_result, race
+
+
+@pytest.mark.parametrize("how", ["--resume", "fresh"])
+def test_a_second_run_on_a_running_folder_is_refused(locked_folder, how):
+    second, alive_after, first_result, _ = locked_folder
+    assert_one_error_line(second[how], "in use by another run")
+    assert alive_after, "the first run ended while the second was refused"
+    assert first_result.rc == 75, f"the first run did not stop cleanly:\n{first_result.show()}"
+
+
+def test_two_fresh_runs_on_one_folder_one_wins(locked_folder):
+    race = locked_folder[3]
+    codes = sorted(r.rc for r in race.values())
+    assert codes == [0, 2], "\n".join(r.show() for r in race.values())
+    loser = next(r for r in race.values() if r.rc == 2)
+    assert_one_error_line(loser, "race")
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. smaller launch faults
+
+def test_usage_error_under_mpiexec_is_printed_once(tmp_path):
+    result = Launch(tmp_path, ["train"], ranks=2).wait()
+    assert result.rc == 2, result.show()
+    assert result.err.count("error:") == 1 and "usage: apts-mpi" in result.err, result.show()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    """Its folder is left empty: a plain run and --resume both take it up from epoch 0."""
+    for name in ("plain", "resume"):
+        (tmp_path / name).mkdir()
+    results = run_all(tmp_path, {
+        "plain": (["train", CONFIG, "--set", "epochs=1", "--out", tmp_path / "plain"], 1),
+        "resume": (["train", CONFIG, "--set", "epochs=1", "--resume", "--out", tmp_path / "resume"], 1)})
+    for name, result in results.items():
+        assert_ok(result, name)
+        assert "epoch   1" in result.out and (tmp_path / name / "checkpoint.h5").exists()
+    assert "holds no checkpoint" in results["resume"].out
+
+
+FAULTY_DATA = """# test fault: this rank's copy of the data holds a NaN (a bad node, a damaged copy)
+import apts_mpi.data as data
+_load = data.load_dataset
+def load_dataset(*args, **kwargs):
+    dataset = _load(*args, **kwargs)
+    dataset.train_x.view(-1)[100] = float("nan")
+    return dataset
+data.load_dataset = load_dataset
+"""
+
+
+def test_non_finite_data_on_one_rank_is_refused_before_training(tmp_path):
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULTY_DATA)
+    args = [PYTHON, "-m", "mpi4py", "-m", "apts_mpi", "train", str(CONFIG), "--set", "epochs=2",
+            "--out", str(tmp_path / "out")]
+    cmd = [MPIEXEC, "-n", "1", *args, ":", "-n", "1", "env",
+           f"PYTHONPATH={tmp_path / 'fault'}{os.pathsep}{ENV['PYTHONPATH']}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=ENV,
+                          cwd=tmp_path)
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+    assert_one_error_line(result, "rank 1:", "training inputs hold 1 non-finite value")
+    assert "epoch" not in result.out and not (tmp_path / "out").exists()

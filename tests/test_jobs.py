@@ -105,6 +105,11 @@ def test_shellcheck(script):
 
 FAKE_SRUN = """#!/bin/bash
 { printf '%s\\n' "OMP_NUM_THREADS=$OMP_NUM_THREADS" "APTS_DATA=$APTS_DATA" "--"; printf '%s\\n' "$@"; } > "$FAKE_SRUN_LOG"
+echo "$*" >> "$FAKE_SRUN_LOG.all"
+exit "${FAKE_SRUN_STATUS:-0}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_SRUN_LOG.scontrol"
 """
 
 
@@ -114,7 +119,8 @@ def site(tmp_path):
     bin_dir, venv, data = tmp_path / "bin", tmp_path / "venv", tmp_path / "data"
     for folder in (bin_dir, venv / "bin", data):
         folder.mkdir(parents=True)
-    for exe, body in ((bin_dir / "srun", FAKE_SRUN), (venv / "bin" / "python", "#!/bin/sh\nexit 0\n")):
+    for exe, body in ((bin_dir / "srun", FAKE_SRUN), (bin_dir / "scontrol", FAKE_SCONTROL),
+                      (venv / "bin" / "python", "#!/bin/sh\nexit 0\n")):
         exe.write_text(body)
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     env = {k: v for k, v in os.environ.items()
@@ -132,7 +138,8 @@ def submit(site, name, *args, **slurm):
     """Run jobs/NAME as the batch step would; returns (result, srun argv or None, srun env)."""
     tmp, env = site
     log = tmp / "srun.log"
-    log.unlink(missing_ok=True)
+    for path in (log, tmp / "srun.log.all", tmp / "srun.log.scontrol"):
+        path.unlink(missing_ok=True)
     result = subprocess.run(["bash", str(ROOT / "jobs" / name), *args], cwd=tmp, capture_output=True,
                             text=True, env={**env, **slurm}, timeout=60)
     if not log.exists():
@@ -245,3 +252,40 @@ def test_cifar10_sets_subdomains_to_the_task_count(site, method, ntasks):
 def test_cifar10_rejects_an_unknown_method(site):
     result, argv, _ = submit(site, "cifar10-resnet18.sbatch", SLURM_NTASKS="4", METHOD="sgd")
     assert result.returncode == 2 and argv is None and "METHOD" in result.stderr
+
+
+def test_srun_joins_the_ranks_with_pmi2_unless_told_otherwise(site):
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="2")
+    assert result.returncode == 0 and "--mpi=pmi2" in argv, result.stderr
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="2", SRUN_MPI="pmix")
+    assert result.returncode == 0 and "--mpi=pmix" in argv and "--mpi=pmi2" not in argv
+
+
+@by_name
+def test_a_requeued_job_launches_past_the_steps_of_its_earlier_runs(site, script):
+    """Restart 2 of a job: two empty steps (0 and 1, the MPI steps of runs 0 and 1), then step 2."""
+    tmp, _ = site
+    result, argv, _ = submit(site, script.name, SLURM_NTASKS="2", SLURM_RESTART_COUNT="2",
+                             SLURM_ARRAY_TASK_ID="0")
+    assert result.returncode == 0, result.stderr
+    calls = (tmp / "srun.log.all").read_text().splitlines()
+    assert calls[:2] == ["--ntasks=1 --nodes=1 true"] * 2 and len(calls) == 3, calls
+    assert LAUNCH in calls[2]
+
+
+@by_name
+@pytest.mark.parametrize("status, requeued", [(75, True), (1, False), (3, False)])
+def test_only_a_resumable_stop_requeues_the_job(site, script, status, requeued):
+    tmp, _ = site
+    result, _, _ = submit(site, script.name, SLURM_NTASKS="2", SLURM_ARRAY_TASK_ID="0",
+                          FAKE_SRUN_STATUS=str(status))
+    assert result.returncode == status, result.stderr
+    scontrol = tmp / "srun.log.scontrol"
+    assert (scontrol.read_text().split() == ["requeue", "1234"]) if requeued else not scontrol.exists()
+
+
+def test_an_array_task_names_itself_as_its_log_file_does(site):
+    result, _, _ = submit(site, "mnist-baselines.sbatch", SLURM_NTASKS="2", SLURM_ARRAY_TASK_ID="2",
+                          SLURM_ARRAY_JOB_ID="1230")  # SLURM_JOB_ID=1234: this task's own ID
+    assert result.returncode == 0, result.stderr
+    assert "mnist-baselines: job 1230_2 " in result.stdout, result.stdout

@@ -35,6 +35,7 @@ class Problem:
     models: tuple = ()
     metrics: tuple = ()
     target: tuple = ("", "max")
+    data_labels: dict = {}  # attribute -> what it is, in messages (e.g. "training inputs")
 
     objective: Objective
     n_train: int
@@ -59,6 +60,18 @@ class Problem:
         ``comm.sum_scalars``.  Called with the model in training mode; restore it if changed.
         """
         raise NotImplementedError
+
+    def check_finite(self) -> None:
+        """Refuse non-finite inputs (a damaged file, a fault on one node) before training: raises
+        ``DataError`` naming the first floating-point data tensor of the problem that holds any."""
+        from ..data import DataError
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                bad = int(value.numel() - torch.isfinite(value).sum())
+                if bad:
+                    label = self.data_labels.get(name, f"{name} data")
+                    raise DataError(f"the {label} hold {bad} non-finite value(s) (NaN or "
+                                    f"infinity) among {value.numel()}: check the data files")
 
     def artifacts(self, model: torch.nn.Module) -> dict:
         """Extra results written once at the end of a run as metrics attributes (rank 0 only),

@@ -21,6 +21,7 @@ class Classification(Problem):
     models = tuple(MODELS)
     metrics = ("loss", "train_accuracy", "test_accuracy", "test_loss")
     target = ("test_accuracy", "max")
+    data_labels = {"train_x": "training inputs", "test_x": "test inputs"}
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
