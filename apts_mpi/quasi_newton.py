@@ -22,7 +22,9 @@ explored), always finite and > 0 for matrices built by ``update``:
 - both kinds: gamma = y^T y / s^T y of the newest pair (the reciprocal of Nocedal & Wright
   eq. 7.20; SciPy's ``SR1`` and ``BFGS`` initial scaling), the curvature of the quadratic that
   fits the newest pair.  L-SR1 keeps the previous gamma when s^T y <= 0 or the ratio is not finite
-  (negative curvature seen: B may then be indefinite, which is the point of SR1).
+  (negative curvature seen: B may then be indefinite, which is the point of SR1), and takes
+  1.25 x the largest curvature seen when every curvature seen is positive and the ratio lies among
+  them (``_sr1_safeguard``: B would otherwise get negative curvature that no pair showed).
 
 ``update`` skips a pair (returns False, state unchanged) when s or y is not finite, when
 s^T s, s^T y or y^T y overflows, or when the kind's own test fails (L-BFGS: s^T y <= 1e-4 ||s|| ||y||,
@@ -60,6 +62,7 @@ _KINDS = ("lbfgs", "lsr1")
 _DEFAULT_GAMMA = 1.0
 _CURVATURE_COS = 1e-4      # L-BFGS: store only if s^T y > cos ||s|| ||y||
 _SR1_SKIP = 1e-8           # r in Nocedal & Wright eq. 6.26
+_SR1_ABOVE = 1.25          # safeguarded L-SR1 gamma = 1.25 x the largest curvature seen
 _COND_FACTOR = 0.01        # skip if cond(scaled middle matrix) > factor / eps(dtype)
 _NEWTON_MAXITER = 100
 _NEWTON_RTOL = 1e-12       # stop when | radius / ||s(sigma)|| - 1 | <= rtol
@@ -231,6 +234,8 @@ class LimitedMemoryMatrix:
         SS[slot, slot], SY[slot, slot] = ss, sy
 
         order = kept + [slot]                        # a permutation of range(len(order))
+        if self._kind == "lsr1":
+            gamma = self._sr1_safeguard(gamma, SS, SY, order)
         middle = self._middle(gamma, SS, SY, order)
         if middle is None and kept:                  # e.g. memory > n: drop the oldest pairs,
             idx = torch.tensor(order, device=self._device)   # the others move to slots 0..k-1
@@ -255,6 +260,28 @@ class LimitedMemoryMatrix:
         self._C, self._M = middle
         self._eig = None
         return True
+
+    def _sr1_safeguard(self, gamma: float, SS: Tensor, SY: Tensor, order: list) -> float:
+        """gamma, or SR1_ABOVE * lambda_max when every pair showed positive curvature and gamma lies
+        in [lambda_min, lambda_max], the curvatures seen: the eigenvalues of the pencil
+        (D + L + L^T) u = lambda S^T S u.  The SR1 middle matrix D + L + L^T - gamma S^T S is then
+        indefinite and B may get negative curvature that no pair showed (B - gamma I has the
+        inertia of its inverse on range(Psi)); with gamma > lambda_max it is negative definite,
+        so B <= gamma I: the unexplored directions get the largest curvature seen (a short step)
+        instead of a spurious negative one (a step to the boundary that is then rejected)."""
+        idx = torch.tensor(order, device=self._device)
+        SSc, SYc = SS[idx][:, idx], SY[idx][:, idx]
+        chol, info = torch.linalg.cholesky_ex(SSc)
+        if info.item() != 0:
+            return gamma
+        A = torch.tril(SYc) + torch.tril(SYc, -1).T
+        T = torch.linalg.solve_triangular(chol, A, upper=False)
+        T = torch.linalg.solve_triangular(chol, T.T, upper=False)   # L^{-1} A L^{-T}
+        lam = torch.linalg.eigvalsh(0.5 * (T + T.T))
+        lo, hi = lam[0].item(), lam[-1].item()
+        if lo > 0 and lo <= gamma <= hi and math.isfinite(hi):
+            return _SR1_ABOVE * hi
+        return gamma
 
     def _middle(self, gamma: float, SS: Tensor, SY: Tensor, order: list):
         """Coefficients C (Psi = [S; Y]^T C) and middle matrix M, both in slot order.

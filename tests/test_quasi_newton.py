@@ -155,9 +155,37 @@ def test_sr1_gamma_is_latest_ratio():
     n, memory = 30, 4
     pairs = quadratic_pairs(rng, spd(rng, n), 6)
     lm, stored = build("lsr1", pairs, memory, n)
-    s, y = pairs[-1]
-    assert lm.gamma == pytest.approx((y @ y) / (s @ y), rel=1e-12)
+    assert lm.gamma == pytest.approx(sr1_gamma_reference(stored), rel=1e-10)
     np.testing.assert_allclose(matrix_of(lm, n), dense_of(lm, stored, n), rtol=0, atol=1e-9)
+
+
+def sr1_gamma_reference(stored):
+    """y^T y / s^T y of the newest pair, or 1.25 lambda_max when every curvature seen (pencil
+    (D + L + L^T, S^T S), SciPy's generalised eigh) is positive and the ratio lies among them."""
+    S = np.array([s for s, _ in stored]).T
+    Y = np.array([y for _, y in stored]).T
+    SY = S.T @ Y
+    lam = scipy.linalg.eigh(np.tril(SY) + np.tril(SY, -1).T, S.T @ S, eigvals_only=True)
+    s, y = stored[-1]
+    ratio = (y @ y) / (s @ y)
+    return 1.25 * lam[-1] if lam[0] > 0 and lam[0] <= ratio <= lam[-1] else ratio
+
+
+def test_sr1_gamma_safeguard_keeps_b_positive_definite_on_a_convex_quadratic():
+    """With every curvature seen positive, gamma > the largest of them: the SR1 middle matrix is
+    negative definite, B <= gamma I, and here B has no negative curvature (gamma = y^T y / s^T y
+    alone would leave it indefinite)."""
+    rng = np.random.default_rng(12)
+    n = 30
+    H = spd(rng, n)
+    lm, stored = build("lsr1", quadratic_pairs(rng, H, 5), 4, n)
+    B = dense_of(lm, stored, n)
+    assert lm.gamma == pytest.approx(sr1_gamma_reference(stored), rel=1e-10)
+    s, y = stored[-1]
+    assert lm.gamma != pytest.approx((y @ y) / (s @ y))            # the safeguard acted
+    assert np.linalg.eigvalsh(dense_sr1(stored, (y @ y) / (s @ y), n))[0] < 0
+    lam = np.linalg.eigvalsh(B)
+    assert lam[0] > 0 and lam[-1] <= lm.gamma * (1 + 1e-10)
 
 
 def test_sr1_gamma_kept_after_negative_curvature():
@@ -180,9 +208,13 @@ def test_memory_above_numel_drops_oldest_pairs_and_keeps_updating_gamma(kind):
     H = spd(rng, n)
     lm = LimitedMemoryMatrix(kind, memory, n, dtype=F64)
     pairs = quadratic_pairs(rng, H, 8)              # exact: more than n pairs are dependent
+    gammas = []
     for s, y in pairs:
         assert lm.update(torch.tensor(s), torch.tensor(y))
-        assert lm.gamma == pytest.approx((y @ y) / (s @ y), rel=1e-12)
+        gammas.append(lm.gamma)
+        if kind == "lbfgs":
+            assert lm.gamma == pytest.approx((y @ y) / (s @ y), rel=1e-12)
+    assert len(set(gammas[n:])) == len(gammas) - n and all(0 < g < math.inf for g in gammas)
     if kind == "lsr1":    # D + L + L^T - gamma S^T S = S^T (H - gamma I) S has rank <= n
         assert lm.dropped > 0 and len(lm) < memory
     else:                 # the BFGS middle matrix is nonsingular whenever s_i^T y_i > 0 (BNS Thm 2.3)
