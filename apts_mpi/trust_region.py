@@ -6,15 +6,21 @@ apts-method.md section 4.  One iteration at the iterate x with loss f, gradient 
    ``first-order`` + ``step="cauchy"``: s = -r g / ||g||, decrease r ||g||_2^2 / ||g||
    (inf-norm: r ||g||_2^2 / ||g||_inf; 2-norm: r ||g||_2); ``step="sign"`` (inf-norm only): the exact
    minimiser of the linear model in the inf-ball, s = -r sign(g), decrease r ||g||_1;
-   ``lsr1`` / ``lbfgs``: the exact minimiser of the quadratic model in the 2-ball of radius r (which
-   also satisfies an inf-norm bound r), decrease m(0) - m(s).
-2. pred = m(0) - m(s) for the step actually taken (after any projection, see ``box``);
-   rho = (f(x) - f(x + s)) / pred.
+   ``lsr1`` / ``lbfgs``: the exact minimiser of the quadratic model in the 2-ball of radius r
+   (inf-norm: of radius sqrt(n) r, clipped to the inf-ball), replaced by the Cauchy point of the
+   same model when it gives less than 0.1 x its decrease (N&W eq. 4.20; ``Counters.fallbacks``);
+   with no pair stored yet, the first-order step.
+2. pred = m(0) - m(s) for the step actually taken (after any projection, see ``box``), in the
+   representation of B the solver used; rho = (f(x) - f(x + s)) / pred in float64, rho = 1 when
+   both are at rounding level.
 3. accept iff the trial loss and gradient are finite and rho >= eta1; otherwise restore x bitwise.
-4. radius update by :func:`update_radius`.
+4. radius update by :func:`update_radius` with ||s|| (an interior step, ||s|| < 0.8 r, never
+   grows the radius; a failure shrinks it to decrease x min(r, ||s||)).  A rejection at min_radius
+   ends the run (the same step would be tried again).
 
 Host synchronisation: two small transfers per iteration, the gradient norms before the step and the
 trial loss with the trial gradient's largest magnitude after it (the scalars the rho-test needs).
+With ``agree`` (MPI callers), the values every branch depends on pass through it at those points.
 """
 from __future__ import annotations
 
