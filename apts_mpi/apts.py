@@ -299,7 +299,8 @@ class APTS(Optimizer):
                 core.set_gradient(grad0)
             core.set_radius(self.local_fraction * self.radius)
             loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
-                            box=self.local_fraction * self.radius, agree=self.local_agree)
+                            box=self.local_fraction * self.radius, agree=self.local_agree,
+                            loss_only=True)  # the last trial's gradient is never used
             self.correction[a:b].copy_(core.offset)
             sub.scatter(theta[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
@@ -370,7 +371,8 @@ class APTS(Optimizer):
             accept = False
         else:
             self.whole.add_(self.correction)
-            trial = float(self._shared_evaluate(pieces, B, comm, self.whole, self.trial_grad))
+            trial = float(self._shared_evaluate(pieces, B, comm, self.whole,
+                                                self.trial_grad if need_grad else None))
             glob.count_evaluation(loss=1, grad=int(need_grad))
             accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
             if accept:
@@ -389,7 +391,7 @@ class APTS(Optimizer):
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
             evaluate = lambda out=None: self._shared_evaluate(pieces, B, comm, self.whole, out)
-            loss = glob.run(evaluate, self.global_iters, loss=loss, agree=comm.bcast)
+            loss = glob.run(evaluate, self.global_iters, loss=loss, agree=comm.bcast, loss_only=True)
             self.radius = glob.radius
         self.sync_buffers()
         t_global = time.perf_counter() - t0

@@ -203,8 +203,10 @@ def _schedulefree(params, comm, **kw):
 
 
 def _tr(params, comm, **kw):
+    """The trust-region baseline: its decisions are rank 0's (one Bcast), never values each rank
+    reduced on its own (MPI does not promise bitwise identical Allreduce results everywhere)."""
     from .trust_region import TrustRegion
-    return TrustRegion(params, **kw)
+    return TrustRegion(params, agree=comm.bcast if comm.size > 1 else None, **kw)
 
 
 # method -> the torch optimiser a DataParallel wraps, from the parameters and the method's keywords

@@ -19,23 +19,27 @@ Choice of gamma (B on the orthogonal complement of range(Psi), i.e. every direct
 explored), always finite and > 0 for matrices built by ``update``:
 
 - no pairs stored: gamma = 1.0;
-- L-BFGS: gamma = y^T y / s^T y of the latest pair (the reciprocal of Nocedal & Wright eq. 7.20).
-  The curvature test makes s^T y > 0; a pair for which the ratio is not finite is skipped.
-- L-SR1: gamma = 0.5 * lambda_hat, with lambda_hat the smallest eigenvalue of the pencil
-  (D + L + L^T) u = lambda S^T S u, i.e. the smallest curvature seen in span(S). Keeping gamma
-  below lambda_hat makes the middle matrix D + L + L^T - gamma S^T S positive definite, so every
-  SR1 denominator is positive and B >= gamma I (in the spirit of Erway, Griffin, Marcia,
-  Omheni, "Trust-region algorithms for training responses", Optim. Methods Softw. 2020, but
-  never negative). When lambda_hat <= 0 or is not finite (negative curvature was seen), or S^T S is
-  singular, gamma keeps its previous value (initially 1.0); B may then be indefinite, which is
-  the point of SR1, and the conditioning test below guards the middle matrix.
+- both kinds: gamma = y^T y / s^T y of the newest pair (the reciprocal of Nocedal & Wright
+  eq. 7.20; SciPy's ``SR1`` and ``BFGS`` initial scaling), the curvature of the quadratic that
+  fits the newest pair.  L-SR1 keeps the previous gamma when s^T y <= 0 or the ratio is not finite
+  (negative curvature seen: B may then be indefinite, which is the point of SR1), and takes
+  1.25 x the largest curvature seen when every curvature seen is positive and the ratio lies among
+  them (``_sr1_safeguard``: B would otherwise get negative curvature that no pair showed).
 
 ``update`` skips a pair (returns False, state unchanged) when s or y is not finite, when
-s^T s, s^T y or y^T y overflows, when the kind's own test fails (L-BFGS: s^T y <= 1e-8 ||s|| ||y||;
-L-SR1: |s^T (y - B s)| <= 1e-8 ||s|| ||y - B s||, Nocedal & Wright eq. 6.26, with ``<=`` so that
-y = B s is skipped too), or when the middle matrix of the new set of pairs, scaled symmetrically
-to unit row maxima, has a 2-norm condition number above 0.01 / eps(dtype) (8.4e4 in float32,
-4.5e13 in float64).
+s^T s, s^T y or y^T y overflows, or when the kind's own test fails (L-BFGS: s^T y <= 1e-4 ||s|| ||y||,
+i.e. cos(s, y) <= 1e-4: a near-saddle pair would set gamma = ||y|| / (||s|| cos) huge; L-SR1:
+|s^T (y - B s)| <= 1e-8 ||s|| ||y - B s||, Nocedal & Wright eq. 6.26, with ``<=`` so that
+y = B s is skipped too).  When the middle matrix of the new set of pairs, scaled symmetrically to
+unit row maxima, is singular or has a 2-norm condition number above 0.01 / eps(dtype) (8.4e4 in
+float32, 4.5e13 in float64), the oldest pairs are dropped until it is not (this is what happens
+when memory > n: the pairs are linearly dependent); only if the newest pair alone fails is it
+skipped.
+
+The trust-region solver works in the eigen-representation of B (``solve``); ``model_decrease``
+and ``curvature`` use that same representation, so that the decrease the engine predicts is the
+one of the model the step minimises (the compact form and the eigen-form can differ by more than
+the decrease when M is badly conditioned).
 
 Precision and devices: the n-length work (products with the (memory, numel) buffers, the thin QR
 of Psi) runs in the buffers' dtype on their device; the small (2m x 2m) matrices (Gram matrices,
@@ -56,9 +60,9 @@ __all__ = ["LimitedMemoryMatrix"]
 
 _KINDS = ("lbfgs", "lsr1")
 _DEFAULT_GAMMA = 1.0
-_CURVATURE_EPS = 1e-8      # L-BFGS: store only if s^T y > eps ||s|| ||y||
+_CURVATURE_COS = 1e-4      # L-BFGS: store only if s^T y > cos ||s|| ||y||
 _SR1_SKIP = 1e-8           # r in Nocedal & Wright eq. 6.26
-_SR1_GAMMA_FRACTION = 0.5  # gamma = fraction * smallest pencil eigenvalue lambda_hat
+_SR1_ABOVE = 1.25          # safeguarded L-SR1 gamma = 1.25 x the largest curvature seen
 _COND_FACTOR = 0.01        # skip if cond(scaled middle matrix) > factor / eps(dtype)
 _NEWTON_MAXITER = 100
 _NEWTON_RTOL = 1e-12       # stop when | radius / ||s(sigma)|| - 1 | <= rtol
@@ -103,6 +107,7 @@ class LimitedMemoryMatrix:
         # Gram matrices in slot order: SS[i, j] = s_i^T s_j, SY[i, j] = s_i^T y_j.
         self._SS = torch.zeros(memory, memory, dtype=torch.float64, device=self._device)
         self._SY = torch.zeros_like(self._SS)
+        self.dropped = 0          # pairs dropped to keep the middle matrix well conditioned
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -131,6 +136,7 @@ class LimitedMemoryMatrix:
         self._order = []          # slots of the stored pairs, oldest first
         self._gamma = _DEFAULT_GAMMA
         self._C = self._M = None  # Psi = [S; Y]^T C in slot order, middle matrix M
+        self._eig = None          # cached (Q, U, lambda_par) of solve's representation
 
     def state_dict(self) -> dict:
         """Pairs, Gram matrices, ring order and gamma (tensors cloned)."""
@@ -177,16 +183,18 @@ class LimitedMemoryMatrix:
         self._SS[:k, :k], self._SY[:k, :k] = SS, SY
         self._order, self._gamma = order, gamma
         self._C, self._M = middle
+        self._eig = None
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Store the pair (s, y) = (step, gradient change) unless it would break the update.
 
-        Skip rules (module docstring): non-finite s or y; L-BFGS: s^T y <= 1e-8 ||s|| ||y||
-        (curvature); L-SR1: |s^T (y - B s)| <= 1e-8 ||s|| ||y - B s|| (Nocedal & Wright
-        eq. 6.26); either kind: a middle matrix of the new set of pairs that is singular or
-        ill-conditioned. When the buffer is full the oldest pair makes room.
+        Skip rules (module docstring): non-finite s or y; L-BFGS: cos(s, y) <= 1e-4 (curvature);
+        L-SR1: |s^T (y - B s)| <= 1e-8 ||s|| ||y - B s|| (Nocedal & Wright eq. 6.26).  When the
+        middle matrix of the new set of pairs is singular or ill-conditioned the oldest pairs are
+        dropped (``dropped`` counts them); the pair is skipped only if it fails alone.  When the
+        buffer is full the oldest pair makes room.
 
         Returns
         -------
@@ -195,62 +203,85 @@ class LimitedMemoryMatrix:
         """
         s, y = self._vector(s, "s"), self._vector(y, "y")
         pair = torch.stack([s, y])
-        gram = (pair @ pair.T).double().cpu()     # [[s^T s, s^T y], [y^T s, y^T y]]
+        gram = (pair.double() @ pair.double().T).cpu()  # [[s^T s, s^T y], [y^T s, y^T y]]
         if not bool(torch.isfinite(gram).all()):  # also catches inf or nan in s or y
             return False
         ss, sy, yy = gram[0, 0].item(), gram[0, 1].item(), gram[1, 1].item()
         if self._kind == "lbfgs":
-            if not sy > _CURVATURE_EPS * math.sqrt(ss) * math.sqrt(yy):
+            if not sy > _CURVATURE_COS * math.sqrt(ss) * math.sqrt(yy):
                 return False
         else:
             v = y - self.matvec(s)
-            sv, vv = torch.stack([s @ v, v @ v]).tolist()
+            sv, vv = torch.stack([s.double() @ v.double(), v.double() @ v.double()]).tolist()
             if not abs(sv) > _SR1_SKIP * math.sqrt(ss) * math.sqrt(vv):
                 return False
+        gamma = yy / sy                              # 1 / (N&W eq. 7.20), newest pair
+        if not (math.isfinite(gamma) and gamma > 0):
+            if self._kind == "lbfgs":
+                return False
+            gamma = self._gamma                      # SR1 after negative curvature: keep it
 
-        k, full = len(self), len(self) == self._memory
-        slot = self._order[0] if full else k
-        order = self._order[1:] + [slot] if full else self._order + [slot]
-        kk = len(order)
-        SS, SY = self._SS[:kk, :kk].clone(), self._SY[:kk, :kk].clone()
-        if k:
-            S, Y = self._S[:k], self._Y[:k]
-            s_cols = (S @ pair.T).double()       # s_i^T s, s_i^T y
-            y_col = (Y @ s).double()             # y_i^T s
-            SS[:k, slot], SS[slot, :k] = s_cols[:, 0], s_cols[:, 0]
-            SY[:k, slot], SY[slot, :k] = s_cols[:, 1], y_col
+        free = [i for i in range(self._memory) if i not in self._order]
+        slot = free[0] if free else self._order[0]   # full: the oldest pair makes room
+        kept = [i for i in self._order if i != slot]
+        SS, SY = self._SS.clone(), self._SY.clone()
+        if kept:
+            idx = torch.tensor(kept, device=self._device)
+            s_cols = (self._S[idx].double() @ pair.double().T)   # s_i^T s, s_i^T y
+            y_col = self._Y[idx].double() @ s.double()           # y_i^T s
+            SS[idx, slot], SS[slot, idx] = s_cols[:, 0], s_cols[:, 0]
+            SY[idx, slot], SY[slot, idx] = s_cols[:, 1], y_col
         SS[slot, slot], SY[slot, slot] = ss, sy
 
-        if self._kind == "lbfgs":
-            gamma = yy / sy                      # 1 / (N&W eq. 7.20)
-            if not (math.isfinite(gamma) and gamma > 0):
-                return False
-        else:
-            gamma = self._sr1_gamma(SS, SY, order)
+        order = kept + [slot]                        # a permutation of range(len(order))
+        if self._kind == "lsr1":
+            gamma = self._sr1_safeguard(gamma, SS, SY, order)
         middle = self._middle(gamma, SS, SY, order)
+        if middle is None and kept:                  # e.g. memory > n: drop the oldest pairs,
+            idx = torch.tensor(order, device=self._device)   # the others move to slots 0..k-1
+            SS, SY = _padded(SS[idx][:, idx], self._memory), _padded(SY[idx][:, idx], self._memory)
+            while middle is None and len(order) > 1:
+                idx, order = idx[1:], order[1:]
+                self.dropped += 1
+                SS, SY = _padded(SS[1:, 1:], self._memory), _padded(SY[1:, 1:], self._memory)
+                middle = self._middle(gamma, SS, SY, list(range(len(order))))
+            if middle is not None:
+                self._S[:len(order)], self._Y[:len(order)] = self._S[idx].clone(), self._Y[idx].clone()
+                self._S[len(order) - 1].copy_(s)
+                self._Y[len(order) - 1].copy_(y)
+                slot, order = len(order) - 1, list(range(len(order)))
         if middle is None:
             return False
 
         self._S[slot].copy_(s)
         self._Y[slot].copy_(y)
-        self._SS[:kk, :kk], self._SY[:kk, :kk] = SS, SY
+        self._SS, self._SY = SS, SY
         self._order, self._gamma = order, gamma
         self._C, self._M = middle
+        self._eig = None
         return True
 
-    def _sr1_gamma(self, SS: Tensor, SY: Tensor, order: list) -> float:
-        """0.5 * smallest eigenvalue of the pencil (D + L + L^T, S^T S), or the previous gamma."""
+    def _sr1_safeguard(self, gamma: float, SS: Tensor, SY: Tensor, order: list) -> float:
+        """gamma, or SR1_ABOVE * lambda_max when every pair showed positive curvature and gamma lies
+        in [lambda_min, lambda_max], the curvatures seen: the eigenvalues of the pencil
+        (D + L + L^T) u = lambda S^T S u.  The SR1 middle matrix D + L + L^T - gamma S^T S is then
+        indefinite and B may get negative curvature that no pair showed (B - gamma I has the
+        inertia of its inverse on range(Psi)); with gamma > lambda_max it is negative definite,
+        so B <= gamma I: the unexplored directions get the largest curvature seen (a short step)
+        instead of a spurious negative one (a step to the boundary that is then rejected)."""
         idx = torch.tensor(order, device=self._device)
         SSc, SYc = SS[idx][:, idx], SY[idx][:, idx]
-        A = torch.tril(SYc) + torch.tril(SYc, -1).T
         chol, info = torch.linalg.cholesky_ex(SSc)
         if info.item() != 0:
-            return self._gamma
+            return gamma
+        A = torch.tril(SYc) + torch.tril(SYc, -1).T
         T = torch.linalg.solve_triangular(chol, A, upper=False)
         T = torch.linalg.solve_triangular(chol, T.T, upper=False)   # L^{-1} A L^{-T}
-        lam_hat = torch.linalg.eigvalsh(0.5 * (T + T.T))[0].item()
-        gamma = _SR1_GAMMA_FRACTION * lam_hat
-        return gamma if math.isfinite(gamma) and gamma > 0 else self._gamma
+        lam = torch.linalg.eigvalsh(0.5 * (T + T.T))
+        lo, hi = lam[0].item(), lam[-1].item()
+        if lo > 0 and lo <= gamma <= hi and math.isfinite(hi):
+            return _SR1_ABOVE * hi
+        return gamma
 
     def _middle(self, gamma: float, SS: Tensor, SY: Tensor, order: list):
         """Coefficients C (Psi = [S; Y]^T C) and middle matrix M, both in slot order.
@@ -301,12 +332,33 @@ class LimitedMemoryMatrix:
         w = w.to(self._dtype)
         return self._gamma * v + S.T @ w[:k] + Y.T @ w[k:]
 
+    def _eigen(self):
+        """(Q, U, lambda_par), cached: Psi = Q R (thin QR), R M R^T = U diag(lambda_par) U^T, so that
+        B = gamma I + (Q U) diag(lambda_par) (Q U)^T (Brust, Erway, Marcia 2017)."""
+        if self._eig is None:
+            Q, R = torch.linalg.qr(self._psi())            # reduced: Q (n, q), R (q, p)
+            R = R.double()
+            lam_par, U = torch.linalg.eigh(R @ self._M @ R.T)
+            self._eig = Q, U, lam_par
+        return self._eig
+
+    @torch.no_grad()
+    def curvature(self, v: Tensor) -> float:
+        """v^T B v in float64, in the eigen-representation ``solve`` uses:
+        gamma ||v||^2 + sum_i lambda_par_i ((Q U)^T v)_i^2."""
+        v = self._vector(v, "v").double()
+        vBv = self._gamma * float(v @ v)
+        if len(self):
+            Q, U, lam_par = self._eigen()
+            w = U.T @ (Q.T.double() @ v)
+            vBv += float(lam_par @ (w * w))
+        return vBv
+
     @torch.no_grad()
     def model_decrease(self, g: Tensor, s: Tensor) -> float:
-        """m(0) - m(s) = -(g^T s + 1/2 s^T B s), as a Python float."""
+        """m(0) - m(s) = -(g^T s + 1/2 s^T B s) in float64, B in the representation of ``solve``."""
         g, s = self._vector(g, "g"), self._vector(s, "s")
-        gs, sBs = torch.stack([g @ s, s @ self.matvec(s)]).double().tolist()
-        return -(gs + 0.5 * sBs)
+        return -(float(g.double() @ s.double()) + 0.5 * self.curvature(s))
 
     @torch.no_grad()
     def solve(self, g: Tensor, radius: float) -> tuple[Tensor, bool]:
@@ -348,9 +400,7 @@ class LimitedMemoryMatrix:
         g = self._vector(g, "g")
         f64 = dict(dtype=torch.float64, device=self._device)
         if len(self):
-            Q, R = torch.linalg.qr(self._psi())            # reduced: Q (n, q), R (q, p)
-            R = R.double()
-            lam_par, U = torch.linalg.eigh(R @ self._M @ R.T)
+            Q, U, lam_par = self._eigen()
             Qg = Q.T @ g
             g_par = U.T @ Qg.double()                      # g in the eigenbasis Q U
             g_perp = g - Q @ Qg
@@ -402,6 +452,13 @@ def _positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _padded(A: Tensor, size: int) -> Tensor:
+    """A (k x k) in the top-left corner of a (size x size) zero matrix."""
+    out = A.new_zeros(size, size)
+    out[:A.shape[0], :A.shape[1]] = A
+    return out
 
 
 def _condition_number(K: Tensor) -> float:

@@ -58,10 +58,15 @@ class Run:
         return f"{self.method}{'-' + self.tag if self.tag else ''}-seed{self.seed}"
 
 
-def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling")) -> list[Run]:
-    """Every run of the suite; ``quick`` shortens each to a smoke test of the whole pipeline."""
-    pinn_epochs = {"apts": 10 if quick else 1000, "adam-lbfgs": 12 if quick else 1500}
-    lm_epochs = 1 if quick else 4
+def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling"), pinn_iterations=1000,
+         lm_epochs=4) -> list[Run]:
+    """Every run of the suite; ``quick`` shortens each to a smoke test of the whole pipeline.
+
+    ``pinn_iterations``: APTS iterations on the PINN (Adam then L-BFGS gets 1000 Adam steps and
+    half as many L-BFGS steps); ``lm_epochs``: epochs of every language-model run."""
+    pinn_epochs = {"apts": 10 if quick else pinn_iterations,
+                   "adam-lbfgs": 12 if quick else 1000 + pinn_iterations // 2}
+    lm_epochs = 1 if quick else lm_epochs
     runs = []
     if "pinn" in only:
         for s in seeds:
@@ -276,10 +281,13 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "runs" / "suite"))
     p.add_argument("--quick", action="store_true", help="a smoke test: a few iterations of each run")
     p.add_argument("--only", default="pinn,shakespeare,scaling")
+    p.add_argument("--pinn-iterations", type=int, default=1000)
+    p.add_argument("--lm-epochs", type=int, default=4)
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
-    runs = plan([int(s) for s in args.seeds.split()], args.quick, tuple(args.only.split(",")))
+    runs = plan([int(s) for s in args.seeds.split()], args.quick, tuple(args.only.split(",")),
+                args.pinn_iterations, args.lm_epochs)
     if not args.summarize_only:
         start = time.perf_counter()
         launch(runs, out, str(Path(args.data).absolute()), args.device, args.cores)

@@ -1,20 +1,26 @@
 """The trust-region engine: global pass, APTS local solves, and the ``TR`` baseline.
 
-apts-method.md section 4.  One iteration at the iterate x with loss f, gradient g and radius r:
+docs/method.md section 4.  One iteration at the iterate x with loss f, gradient g and radius r:
 
 1. step s from the model m(s) = f + g^T s (+ 1/2 s^T B s), bounded by r in the chosen norm:
    ``first-order`` + ``step="cauchy"``: s = -r g / ||g||, decrease r ||g||_2^2 / ||g||
    (inf-norm: r ||g||_2^2 / ||g||_inf; 2-norm: r ||g||_2); ``step="sign"`` (inf-norm only): the exact
    minimiser of the linear model in the inf-ball, s = -r sign(g), decrease r ||g||_1;
-   ``lsr1`` / ``lbfgs``: the exact minimiser of the quadratic model in the 2-ball of radius r (which
-   also satisfies an inf-norm bound r), decrease m(0) - m(s).
-2. pred = m(0) - m(s) for the step actually taken (after any projection, see ``box``);
-   rho = (f(x) - f(x + s)) / pred.
+   ``lsr1`` / ``lbfgs``: the exact minimiser of the quadratic model in the 2-ball of radius r
+   (inf-norm: of radius sqrt(n) r, clipped to the inf-ball), replaced by the Cauchy point of the
+   same model when it gives less than 0.1 x its decrease (N&W eq. 4.20; ``Counters.fallbacks``);
+   with no pair stored yet, the first-order step.
+2. pred = m(0) - m(s) for the step actually taken (after any projection, see ``box``), in the
+   representation of B the solver used; rho = (f(x) - f(x + s)) / pred in float64, rho = 1 when
+   both are at rounding level.
 3. accept iff the trial loss and gradient are finite and rho >= eta1; otherwise restore x bitwise.
-4. radius update by :func:`update_radius`.
+4. radius update by :func:`update_radius` with ||s|| (an interior step, ||s|| < 0.8 r, never
+   grows the radius; a failure shrinks it to decrease x min(r, ||s||)).  A rejection at min_radius
+   ends the run (the same step would be tried again).
 
 Host synchronisation: two small transfers per iteration, the gradient norms before the step and the
 trial loss with the trial gradient's largest magnitude after it (the scalars the rho-test needs).
+With ``agree`` (MPI callers), the values every branch depends on pass through it at those points.
 """
 from __future__ import annotations
 
@@ -23,79 +29,48 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import options
 from .decomposition import Subdomain
 
-MODELS = ("first-order", "lsr1", "lbfgs")
-NORMS = ("inf", "2")
-STEPS = ("cauchy", "sign")
+BOUNDARY_FRACTION = 0.8   # ||s|| >= 0.8 radius counts as a boundary step (N&W Alg. 6.2)
+CAUCHY_FRACTION = 0.1     # a quasi-Newton step must give >= 0.1 x the Cauchy decrease (N&W 4.20)
+ROUNDING = 10.0           # |actual|, |pred| <= 10 eps max(1, |f|): rho = 1 (Conn, Gould, Toint 17.4.2)
 
 
-def update_radius(radius: float, rho: float, *, eta1: float = 0.25, eta2: float = 0.75,
-                  decrease: float = 0.5, increase: float = 2.0, min_radius: float = 1e-4,
-                  max_radius: float = 0.1) -> float:
-    """The radius rule, written once (apts-method.md section 4).
+def update_radius(radius: float, rho: float, *, eta1: float, eta2: float, decrease: float,
+                  increase: float, min_radius: float, max_radius: float,
+                  step_norm: float | None = None) -> float:
+    """The radius rule, written once (docs/method.md section 4; Nocedal & Wright Alg. 4.1).
 
-    ====================  ===================================
-    rho                   new radius
-    ====================  ===================================
-    rho < eta1 or NaN     max(decrease * radius, min_radius)
-    eta1 <= rho <= eta2   radius
-    rho > eta2            min(increase * radius, max_radius)
-    ====================  ===================================
+    ``step_norm`` is ||s|| in the trust-region norm; None means the step reached the boundary
+    (||s|| = radius, every first-order step).  A step counts as reaching it when
+    ||s|| >= 0.8 radius (SciPy's ``hits_boundary``, N&W Alg. 6.2).
+
+    ====================================  ===========================================
+    rho                                   new radius
+    ====================================  ===========================================
+    rho < eta1 or NaN                     max(decrease * min(radius, ||s||), min_radius)
+    eta1 <= rho <= eta2                   radius
+    rho > eta2, ||s|| >= 0.8 radius       min(increase * radius, max_radius)
+    rho > eta2, ||s|| < 0.8 radius        radius (an interior step says nothing about it)
+    ====================================  ===========================================
     """
     if not rho >= eta1:  # also catches NaN
-        return max(decrease * radius, min_radius)
-    if rho > eta2:
+        return max(decrease * (radius if step_norm is None else min(radius, step_norm)), min_radius)
+    if rho > eta2 and (step_norm is None or step_norm >= BOUNDARY_FRACTION * radius):
         return min(increase * radius, max_radius)
     return radius
 
 
-@dataclass
 class TrustRegionConfig:
-    """The constants of the engine, validated with one message per invariant."""
+    """The constants of the engine (docs/method.md section 4): the ``trust-region`` keywords of
+    :mod:`apts_mpi.options` (radius, max_radius, min_radius, eta1, eta2, decrease, increase, model,
+    memory, norm, step), whose defaults and checks are written there; a bad value raises
+    ``OptionError`` (a ValueError) with one message per rule."""
 
-    radius: float = 0.01
-    max_radius: float = 0.1
-    min_radius: float = 1e-4
-    eta1: float = 0.25
-    eta2: float = 0.75
-    decrease: float = 0.5
-    increase: float = 2.0
-    model: str = "first-order"
-    memory: int = 5
-    norm: str = "inf"
-    step: str = "cauchy"
-
-    def __post_init__(self):
-        for name in ("radius", "max_radius", "min_radius", "eta1", "eta2", "decrease", "increase"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-            setattr(self, name, float(value))
-        if not self.min_radius > 0:
-            raise ValueError(f"min_radius must be > 0; got {self.min_radius}")
-        if not self.min_radius <= self.max_radius:
-            raise ValueError(f"min_radius ({self.min_radius}) must not exceed max_radius ({self.max_radius})")
-        if not self.min_radius <= self.radius <= self.max_radius:
-            raise ValueError(f"radius ({self.radius}) must lie in [min_radius, max_radius] = "
-                             f"[{self.min_radius}, {self.max_radius}]")
-        if not 0 < self.eta1 < self.eta2 < 1:
-            raise ValueError(f"need 0 < eta1 < eta2 < 1; got eta1={self.eta1}, eta2={self.eta2}")
-        if not 0 < self.decrease < 1:
-            raise ValueError(f"decrease must lie in (0, 1); got {self.decrease}")
-        if not self.increase >= 1:
-            raise ValueError(f"increase must be >= 1; got {self.increase}")
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"memory must be a positive integer; got {self.memory!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
-        if self.step not in STEPS:
-            raise ValueError(f"step must be one of {', '.join(STEPS)}; got {self.step!r}")
-        if self.step == "sign" and (self.norm != "inf" or self.model != "first-order"):
-            raise ValueError("step='sign' is the inf-norm minimiser of the first-order model: "
-                             "it needs norm='inf' and model='first-order'")
+    def __init__(self, **keywords):
+        for name, value in options.resolve("trust-region", keywords).items():
+            setattr(self, name, value)
 
     def radius_rule(self):
         return dict(eta1=self.eta1, eta2=self.eta2, decrease=self.decrease, increase=self.increase,
@@ -111,6 +86,9 @@ class Counters:
     accepted: int = 0
     rejected: int = 0
     nonfinite: int = 0                # rejections because the trial loss or gradient was NaN/Inf
+    fallbacks: int = 0                # quasi-Newton steps replaced by the Cauchy point
+    memory_resets: int = 0            # quasi-Newton memories cleared (with a fallback)
+    skipped_pairs: int = 0            # (s, y) pairs the quasi-Newton update refused
     rho: float = float("nan")
     radius: float = float("nan")
 
@@ -120,10 +98,18 @@ class TrustRegionCore:
 
     ``evaluate(grad_out) -> loss`` evaluates the objective at the current parameters and writes the
     gradient restricted to the subdomain into ``grad_out``; it may reduce over ranks.  The loss may be
-    a 0-dim tensor (it is read together with the trial gradient's norm, in one transfer).  ``decide``
-    (optional) replaces the local accept/radius decision, e.g. by one computed on a coordinator rank
-    and broadcast: ``decide(actual, pred, finite) -> (accept, rho, new_radius)``, by default
-    :meth:`ratio_decision`.
+    a 0-dim tensor (it is read together with the trial gradient's norm, in one transfer).
+    ``evaluate(None)`` asks for the loss alone: ``run(..., loss_only=True)`` makes that call for a
+    trial whose gradient can never be used (the last iteration of a run of the first-order model);
+    it is counted in ``loss_evals`` but not in ``grad_evals``, and ``grad_current`` is False after
+    such a trial is accepted (``grad`` then belongs to the previous iterate).
+
+    ``decide`` (optional) replaces the local accept/radius decision, e.g. by one computed on a
+    coordinator rank and broadcast: ``decide(actual, pred, finite) -> (accept, rho, new_radius)``,
+    by default :meth:`ratio_decision`.  ``agree`` (optional) makes every rank take the same branch:
+    ``agree(values: list[float]) -> list[float]`` returns one designated rank's values (a Bcast);
+    ``run`` passes ``[pred, stop]`` through it before each trial and ``[trial_loss, finite]`` after
+    the trial evaluation, before the accept/radius decision.
     """
 
     def __init__(self, subdomain: Subdomain, config: TrustRegionConfig):
@@ -133,11 +119,14 @@ class TrustRegionCore:
         self.counters = Counters(radius=self.radius)
         self.grad, self.trial_grad = torch.empty(n, **kw), torch.empty(n, **kw)
         self.step, self.saved = torch.empty(n, **kw), torch.empty(n, **kw)
+        self.grad_current = True
         self.offset = None  # accumulated step u, allocated on the first boxed run
         self.qn = None
         if config.model != "first-order":
             from .quasi_newton import LimitedMemoryMatrix
             self.qn = LimitedMemoryMatrix(config.model, config.memory, n, **kw)
+        # what ratio_decision needs beyond (actual, pred, finite): set by run before each decision
+        self.step_norm, self.loss = None, 0.0
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -154,32 +143,60 @@ class TrustRegionCore:
 
     # -- the iteration ----------------------------------------------------------------------------
     def counted_evaluation(self, evaluate, grad_out):
-        """``evaluate(grad_out)``, counted as one loss and one gradient evaluation."""
+        """``evaluate(grad_out)``, counted as one loss and (grad_out given) one gradient evaluation."""
         loss = evaluate(grad_out)
         self.counters.loss_evals += 1
-        self.counters.grad_evals += 1
+        self.counters.grad_evals += grad_out is not None
         return loss
 
-    def _propose(self, radius: float, gtol: float = 0.0) -> float:
-        """Write the step for ``radius`` into self.step; return the model decrease (<= 0: none).
+    def _propose(self, radius: float, gtol: float = 0.0):
+        """Write the step for ``radius`` into self.step; return (model decrease, ||s|| or None).
 
-        Returns 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.
+        The decrease is 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.  The norm
+        is None for a step on the boundary by construction (every first-order step).
         """
         g, s, cfg = self.grad, self.step, self.config
         norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
         g_inf, g_2sq, g_1 = torch.stack([norm(g, math.inf), g.dot(g), norm(g, 1)]).tolist()
         if not (g_inf > gtol and math.isfinite(g_2sq)):
-            return 0.0
+            return 0.0, None
+        g_norm = g_inf if cfg.norm == "inf" else math.sqrt(g_2sq)
         if self.qn is not None and len(self.qn):
-            step, _ = self.qn.solve(g, radius)
-            s.copy_(step)
-            return self.qn.model_decrease(g, s)
+            return self._quasi_newton(radius, g_norm, g_2sq)
         if cfg.step == "sign":
             torch.sign(g, out=s).mul_(-radius)
-            return radius * g_1
-        g_norm = g_inf if cfg.norm == "inf" else math.sqrt(g_2sq)
+            return radius * g_1, None
         torch.mul(g, -radius / g_norm, out=s)
-        return radius * g_2sq / g_norm
+        return radius * g_2sq / g_norm, None
+
+    def _quasi_newton(self, radius: float, g_norm: float, g_2sq: float):
+        """The quasi-Newton step, or the Cauchy point of the same model when it is not good enough.
+
+        2-norm: the exact minimiser of the model in the ball (N&W Alg. 4.3).  inf-norm: the exact
+        minimiser in the 2-ball of radius sqrt(n) radius (which contains the inf-ball), clipped to
+        ||s||_inf <= radius, so that the step is not sqrt(n) times shorter than the first-order one.
+        The Cauchy point s_c = -t g, t = min(radius / ||g||, g^T g / g^T B g) (N&W eqs. 4.11-4.12 in
+        either norm) replaces the step when its decrease is not >= 0.1 x that of s_c (N&W 4.20): a
+        decrease the exact minimiser always exceeds, so failing it in the 2-norm means the
+        representation of B has lost its accuracy, and the memory is cleared.  Every decrease is
+        computed in the representation the solver used (``LimitedMemoryMatrix.model_decrease``).
+        """
+        g, s, qn, inf = self.grad, self.step, self.qn, self.config.norm == "inf"
+        step, _ = qn.solve(g, radius * math.sqrt(g.numel()) if inf else radius)
+        clipped = inf and float(torch.linalg.vector_norm(step, math.inf)) > radius
+        s.copy_(step.clamp_(-radius, radius) if inf else step)
+        pred = qn.model_decrease(g, s)
+        gBg = qn.curvature(g)
+        t = radius / g_norm if not gBg > 0 else min(radius / g_norm, g_2sq / gBg)
+        cauchy = t * g_2sq - 0.5 * t * t * gBg
+        if pred >= CAUCHY_FRACTION * cauchy:
+            return pred, float(torch.linalg.vector_norm(s, math.inf if inf else 2))
+        torch.mul(g, -t, out=s)
+        self.counters.fallbacks += 1
+        if not clipped:
+            qn.reset()
+            self.counters.memory_resets += 1
+        return cauchy, t * g_norm
 
     def _project(self, box: float) -> float:
         """Clip u + s to the box |u_i| <= box, make s the step actually taken, return its decrease."""
@@ -190,55 +207,74 @@ class TrustRegionCore:
         return -float(self.grad.dot(s))
 
     def ratio_decision(self, actual: float, pred: float, finite: bool):
-        """The classical rule: (accept iff finite and rho >= eta1, rho, the updated radius)."""
-        rho = actual / pred if finite else float("-inf")
+        """The classical rule: (accept iff finite and rho >= eta1, rho, the updated radius).
+
+        rho = 1 when the actual and predicted decrease are both at rounding level,
+        |actual|, |pred| <= 10 eps max(1, |f|) (Conn, Gould, Toint section 17.4.2); the radius rule
+        sees ``self.step_norm`` (set by ``run``).
+        """
+        tol = ROUNDING * torch.finfo(self.step.dtype).eps * max(1.0, abs(self.loss))
+        if not finite:
+            rho = float("-inf")
+        elif abs(actual) <= tol and abs(pred) <= tol:
+            rho = 1.0
+        else:
+            rho = actual / pred
         accept = finite and rho >= self.config.eta1
-        return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule())
+        return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule(),
+                                          step_norm=self.step_norm)
 
     def run(self, evaluate, iters: int, loss: float | None = None, box: float | None = None,
-            decide=None, gtol: float = 0.0, agree=None) -> float:
+            decide=None, gtol: float = 0.0, agree=None, loss_only: bool = False) -> float:
         """At most ``iters`` iterations from the current parameters; returns the final loss.
 
         ``loss`` given means ``self.grad`` already holds the gradient at the current point (no
         evaluation needed).  ``box`` keeps the accumulated step u (``self.offset``, reset to 0 here)
         inside ||u||_inf <= box: every step radius is min(radius, box) and u + s is clipped to the
         box, the model decrease being that of the clipped step (APTS local phase).  Stops early
-        when ||g||_inf <= ``gtol`` or no step can decrease the model.
-
-        ``agree(values: list[float]) -> list[float]`` (None: identity) makes the ranks that run this
-        loop together take the same decisions: it returns one designated rank's values (a Bcast).
-        ``[pred, stop]`` pass through it before the trial, ``[trial loss, finite]`` after it.
+        when ||g||_inf <= ``gtol``, when no step can decrease the model (only with ``box``: the box
+        is full), or when a step is rejected with the radius already at ``min_radius`` (the same
+        step would be tried again).  ``agree``, ``decide`` and ``loss_only``: class docstring.
+        Loss differences are formed in float64 (Python floats).
         """
         if loss is None:
             loss = float(self.counted_evaluation(evaluate, self.grad))
+            self.grad_current = True
         if box is not None:
             if self.offset is None:
                 self.offset = torch.zeros_like(self.grad)
             self.offset.zero_()
         decide = decide or self.ratio_decision
         agree = agree or (lambda values: values)
-        for _ in range(iters):
+        for it in range(iters):
             radius = self.radius if box is None else min(self.radius, box)
-            pred = self._propose(radius, gtol)
+            pred, step_norm = self._propose(radius, gtol)
             if box is not None and pred > 0:
                 pred = self._project(box)
             pred, stop = agree([pred, float(not pred > 0)])
             if stop:
-                break  # stationary (or a model that cannot decrease): nothing to try
+                break  # stationary (or a full box): nothing to try
+            need_grad = not loss_only or self.qn is not None or it < iters - 1
             self.subdomain.gather(self.saved)
             self.subdomain.add_(self.step)
-            trial = torch.as_tensor(self.counted_evaluation(evaluate, self.trial_grad),
+            trial = torch.as_tensor(self.counted_evaluation(evaluate, self.trial_grad if need_grad else None),
                                     dtype=self.step.dtype, device=self.step.device).reshape(())
-            trial, g_max = torch.stack([trial, torch.linalg.vector_norm(self.trial_grad, math.inf)]).tolist()
+            g_max = torch.linalg.vector_norm(self.trial_grad, math.inf) if need_grad else torch.zeros_like(trial)
+            trial, g_max = torch.stack([trial, g_max]).tolist()
             trial, finite = agree([trial, float(math.isfinite(trial) and math.isfinite(g_max))])
             finite = bool(finite)
             self.counters.nonfinite += not finite
+            at_floor = self.radius <= self.config.min_radius
+            boundary = step_norm is None or step_norm >= BOUNDARY_FRACTION * radius
+            self.step_norm, self.loss = (None if boundary else step_norm), loss
             accept, rho, self.radius = decide(loss - trial, pred, finite)
             if self.qn is not None and finite:
-                self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
+                stored = self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
+                self.counters.skipped_pairs += not stored
             if accept:
                 loss = trial
                 self.grad, self.trial_grad = self.trial_grad, self.grad
+                self.grad_current = need_grad
                 if box is not None:
                     self.offset.add_(self.step)
                 self.counters.accepted += 1
@@ -246,6 +282,8 @@ class TrustRegionCore:
                 self.subdomain.scatter(self.saved)
                 self.counters.rejected += 1
             self.counters.rho, self.counters.radius = rho, self.radius
+            if not accept and at_floor:
+                break  # rejected at the radius floor: the next step would be the same
         return loss
 
     # -- what a driver that owns its iteration (APTS) may set and count ---------------------------
@@ -271,11 +309,17 @@ class TrustRegion(torch.optim.Optimizer):
     iterations on that closure (see the module docstring for the iteration).  The closure zeroes the
     gradients, computes the loss, calls ``backward()`` and returns the loss.
 
-    Keywords (validated, one message per invariant): ``radius=0.01``, ``max_radius=0.1``,
-    ``min_radius=1e-4``, ``eta1=0.25``, ``eta2=0.75``, ``decrease=0.5``, ``increase=2.0``,
-    ``model="first-order" | "lsr1" | "lbfgs"``, ``memory=5``, ``norm="inf" | "2"``,
-    ``step="cauchy" | "sign"``, ``max_iters=1`` (iterations per ``step`` call, on its closure),
-    ``tolerance_grad=0.0`` (stop those iterations once ||g||_inf <= tolerance_grad).
+    Keywords: those of the ``tr`` table in :mod:`apts_mpi.options`, where their defaults and
+    checks are written once: the engine's constants (``radius``, ``max_radius``, ``min_radius``,
+    ``eta1``, ``eta2``, ``decrease``, ``increase``, ``model``, ``memory``, ``norm``, ``step``),
+    ``max_iters`` (iterations per ``step`` call, on its closure) and ``tolerance_grad`` (stop those
+    iterations once ||g||_inf <= tolerance_grad); and ``agree`` (see :class:`TrustRegionCore`; for
+    data-parallel use, a Bcast from one rank; not stored in the parameter group).
+
+    The closure may be called for its loss alone (the last trial of a ``step`` with the first-order
+    model, whose gradient can never be used): it still runs as usual (``backward`` included, the
+    closure contract), its gradient is simply not read, and the call is counted in ``loss_evals``
+    but not ``grad_evals``.
 
     After each step, ``counters`` holds loss and gradient evaluations, accepted and rejected steps, the
     last rho and the radius.  ``state_dict()`` carries radius, counters and quasi-Newton pairs so that a
@@ -284,21 +328,16 @@ class TrustRegion(torch.optim.Optimizer):
     Limitations: one parameter group; all parameters share one dtype and device.
     """
 
-    def __init__(self, params, radius=0.01, max_radius=0.1, min_radius=1e-4, eta1=0.25, eta2=0.75,
-                 decrease=0.5, increase=2.0, model="first-order", memory=5, norm="inf",
-                 step="cauchy", max_iters=1, tolerance_grad=0.0):
-        config = TrustRegionConfig(radius, max_radius, min_radius, eta1, eta2, decrease, increase,
-                                   model, memory, norm, step)
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive integer; got {max_iters!r}")
-        if not (isinstance(tolerance_grad, (int, float)) and tolerance_grad >= 0):
-            raise ValueError(f"tolerance_grad must be a number >= 0; got {tolerance_grad!r}")
+    def __init__(self, params, agree=None, **keywords):
+        values = options.resolve("tr", keywords)
+        max_iters, tolerance_grad = values.pop("max_iters"), values.pop("tolerance_grad")
+        config = TrustRegionConfig(**values)
         super().__init__(params, dict(vars(config), max_iters=max_iters, tolerance_grad=tolerance_grad))
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion supports a single parameter group")
         self._params = self.param_groups[0]["params"]
         self._core = TrustRegionCore(Subdomain.whole(self._params), config)
-        self._max_iters, self._gtol = max_iters, float(tolerance_grad)
+        self._max_iters, self._gtol, self._agree = max_iters, float(tolerance_grad), agree
 
     @property
     def counters(self) -> Counters:
@@ -317,10 +356,12 @@ class TrustRegion(torch.optim.Optimizer):
 
         def evaluate(grad_out):
             loss = closure()
-            sub.gather(grad_out, grad=True)
+            if grad_out is not None:
+                sub.gather(grad_out, grad=True)
             return loss.detach()
 
-        return self._core.run(evaluate, self._max_iters, gtol=self._gtol)
+        return self._core.run(evaluate, self._max_iters, gtol=self._gtol, agree=self._agree,
+                              loss_only=True)
 
     def state_dict(self):
         self.state[self._params[0]]["trust_region"] = self._core.state_dict()

@@ -1,4 +1,6 @@
 """The options table: one owner for every optimiser keyword, read by the config and the constructors."""
+import inspect
+
 import pytest
 
 from apts_mpi import config, options
@@ -54,3 +56,13 @@ def test_constructor_only_keywords_stay_out_of_the_config():
     with pytest.raises(config.ConfigError, match="optimizer.tolerance_grad: unknown key"):
         config.resolve({"optimizer": {"method": "tr", "tolerance_grad": 1e-3}})
 
+
+
+def test_no_keyword_default_is_written_in_a_constructor_signature():
+    """Each default lives in the options table: the constructors take ``**keywords``."""
+    from apts_mpi import APTS, TrustRegion
+    for cls in (APTS, TrustRegion):
+        signature = inspect.signature(cls.__init__)
+        written = {name for name, p in signature.parameters.items() if p.default is not p.empty}
+        keywords = set(options.options("apts")) | set(options.options("tr"))
+        assert not written & keywords, f"{cls.__name__} writes the defaults of {sorted(written & keywords)}"

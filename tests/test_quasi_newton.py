@@ -148,19 +148,44 @@ def test_lbfgs_gamma_is_latest_ratio():
     assert lm.gamma == pytest.approx((y @ y) / (s @ y), rel=1e-12)
 
 
-def test_sr1_gamma_is_half_smallest_pencil_eigenvalue():
+def test_sr1_gamma_is_latest_ratio():
+    """gamma = y^T y / s^T y of the newest pair (as L-BFGS; SciPy's SR1 initial scaling), not a
+    fraction of the smallest curvature seen, which underestimates every unexplored direction."""
     rng = np.random.default_rng(2)
     n, memory = 30, 4
     pairs = quadratic_pairs(rng, spd(rng, n), 6)
     lm, stored = build("lsr1", pairs, memory, n)
+    assert lm.gamma == pytest.approx(sr1_gamma_reference(stored), rel=1e-10)
+    np.testing.assert_allclose(matrix_of(lm, n), dense_of(lm, stored, n), rtol=0, atol=1e-9)
+
+
+def sr1_gamma_reference(stored):
+    """y^T y / s^T y of the newest pair, or 1.25 lambda_max when every curvature seen (pencil
+    (D + L + L^T, S^T S), SciPy's generalised eigh) is positive and the ratio lies among them."""
     S = np.array([s for s, _ in stored]).T
     Y = np.array([y for _, y in stored]).T
     SY = S.T @ Y
-    A = np.tril(SY) + np.tril(SY, -1).T
-    lam_hat = scipy.linalg.eigh(A, S.T @ S, eigvals_only=True)[0]
-    assert lam_hat > 0
-    assert lm.gamma == pytest.approx(0.5 * lam_hat, rel=1e-10)
-    assert np.linalg.eigvalsh(dense_of(lm, stored, n))[0] >= lm.gamma * (1 - 1e-10)
+    lam = scipy.linalg.eigh(np.tril(SY) + np.tril(SY, -1).T, S.T @ S, eigvals_only=True)
+    s, y = stored[-1]
+    ratio = (y @ y) / (s @ y)
+    return 1.25 * lam[-1] if lam[0] > 0 and lam[0] <= ratio <= lam[-1] else ratio
+
+
+def test_sr1_gamma_safeguard_keeps_b_positive_definite_on_a_convex_quadratic():
+    """With every curvature seen positive, gamma > the largest of them: the SR1 middle matrix is
+    negative definite, B <= gamma I, and here B has no negative curvature (gamma = y^T y / s^T y
+    alone would leave it indefinite)."""
+    rng = np.random.default_rng(12)
+    n = 30
+    H = spd(rng, n)
+    lm, stored = build("lsr1", quadratic_pairs(rng, H, 5), 4, n)
+    B = dense_of(lm, stored, n)
+    assert lm.gamma == pytest.approx(sr1_gamma_reference(stored), rel=1e-10)
+    s, y = stored[-1]
+    assert lm.gamma != pytest.approx((y @ y) / (s @ y))            # the safeguard acted
+    assert np.linalg.eigvalsh(dense_sr1(stored, (y @ y) / (s @ y), n))[0] < 0
+    lam = np.linalg.eigvalsh(B)
+    assert lam[0] > 0 and lam[-1] <= lm.gamma * (1 + 1e-10)
 
 
 def test_sr1_gamma_kept_after_negative_curvature():
@@ -168,10 +193,67 @@ def test_sr1_gamma_kept_after_negative_curvature():
     n = 20
     lm = LimitedMemoryMatrix("lsr1", 3, n, dtype=F64)
     s = torch.tensor(rng.standard_normal(n))
-    assert lm.update(s, -2.0 * s)                  # s^T y < 0: the pencil's eigenvalue is -2
+    assert lm.update(s, -2.0 * s)                  # s^T y < 0: y^T y / s^T y = -2 is no scaling
     assert lm.gamma == 1.0
     B = dense_sr1([(s.numpy(), -2.0 * s.numpy())], 1.0, n)
     assert np.linalg.eigvalsh(B)[0] == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("kind", ["lbfgs", "lsr1"])
+def test_memory_above_numel_drops_oldest_pairs_and_keeps_updating_gamma(kind):
+    """memory > n: the (n + 1)-th SR1 pair makes the middle matrix singular; the oldest pairs make
+    room instead of the newest being skipped, and gamma still follows the newest pair."""
+    rng = np.random.default_rng(9)
+    n, memory = 3, 6
+    H = spd(rng, n)
+    lm = LimitedMemoryMatrix(kind, memory, n, dtype=F64)
+    pairs = quadratic_pairs(rng, H, 8)              # exact: more than n pairs are dependent
+    gammas = []
+    for s, y in pairs:
+        assert lm.update(torch.tensor(s), torch.tensor(y))
+        gammas.append(lm.gamma)
+        if kind == "lbfgs":
+            assert lm.gamma == pytest.approx((y @ y) / (s @ y), rel=1e-12)
+    assert len(set(gammas[n:])) == len(gammas) - n and all(0 < g < math.inf for g in gammas)
+    if kind == "lsr1":    # D + L + L^T - gamma S^T S = S^T (H - gamma I) S has rank <= n
+        assert lm.dropped > 0 and len(lm) < memory
+    else:                 # the BFGS middle matrix is nonsingular whenever s_i^T y_i > 0 (BNS Thm 2.3)
+        assert lm.dropped == 0 and len(lm) == memory
+    k = len(lm)
+    stored = pairs[-k:]
+    np.testing.assert_allclose(matrix_of(lm, n), dense_of(lm, stored, n), rtol=0,
+                               atol=1e-8 * np.abs(H).max())
+    copy = LimitedMemoryMatrix(kind, memory, n, dtype=F64)
+    copy.load_state_dict(lm.state_dict())          # slots compacted: the state round-trips
+    np.testing.assert_allclose(matrix_of(copy, n), matrix_of(lm, n), rtol=0, atol=1e-12)
+
+
+def test_lbfgs_skips_near_saddle_pair():
+    """cos(s, y) = 1e-6 passes a 1e-8 test but would set gamma = ||y|| / (||s|| cos) = 1e6."""
+    lm = LimitedMemoryMatrix("lbfgs", 3, 2, dtype=F64)
+    s = torch.tensor([1.0, 0.0], dtype=F64)
+    y = torch.tensor([1e-6, 1.0], dtype=F64)
+    assert not lm.update(s, y) and len(lm) == 0 and lm.gamma == 1.0
+
+
+@pytest.mark.parametrize("kind", ["lbfgs", "lsr1"])
+def test_model_decrease_uses_the_solver_representation(kind):
+    """pred of the solver's step is the solver's own objective value: >= 0 and equal to
+    -(c^T x + 1/2 x^T diag(lam) x) in the eigenbasis, i.e. >= the Cauchy decrease."""
+    rng = np.random.default_rng(10)
+    n = 30
+    H = spd(rng, n) if kind == "lbfgs" else symmetric(rng, n)
+    lm, stored = build(kind, quadratic_pairs(rng, H, 4, noise=0.1), 3, n)
+    B = dense_of(lm, stored, n)
+    g = rng.standard_normal(n)
+    for radius in (0.01, 0.5, 50.0):
+        step, _ = lm.solve(torch.tensor(g), radius)
+        pred = lm.model_decrease(torch.tensor(g), step)
+        assert pred == pytest.approx(-objective(B, g, step.numpy()), rel=1e-9)
+        gBg = g @ B @ g
+        t = radius / np.linalg.norm(g) if gBg <= 0 else min(radius / np.linalg.norm(g), (g @ g) / gBg)
+        assert pred >= -objective(B, g, -t * g) * (1 - 1e-9)
+        assert lm.curvature(torch.tensor(g)) == pytest.approx(gBg, rel=1e-9)
 
 
 def test_ring_buffer_len_and_reset():
@@ -230,6 +312,18 @@ def random_g(rng, n):
     return rng.standard_normal(n)
 
 
+def positive_definite(kind, rng, n, memory, count, noise=0.0):
+    """Pairs of an SPD H (spectrum in [0.5, 5]).  L-SR1 with gamma = y^T y / s^T y may be
+    indefinite; gamma = 0.4 < lambda_min(H) makes B = gamma I + (H - gamma I) S [S^T (H - gamma I)
+    S]^{-1} S^T (H - gamma I) positive definite, so it is set through the state."""
+    lm, stored = build(kind, quadratic_pairs(rng, spd(rng, n), count, noise), memory, n)
+    if kind == "lsr1":
+        lm.load_state_dict({**lm.state_dict(), "gamma": 0.4})
+    B = dense_of(lm, stored, n)
+    assert np.linalg.eigvalsh(B)[0] > 0
+    return lm, B
+
+
 def compare_solve(lm, B, g, radius, tol=1e-6, kkt_tol=1e-8):
     s, hits = lm.solve(torch.tensor(g, dtype=F64), radius)
     s = s.double().numpy()
@@ -247,10 +341,8 @@ def compare_solve(lm, B, g, radius, tol=1e-6, kkt_tol=1e-8):
 @pytest.mark.parametrize("seed", range(3))
 def test_solve_positive_definite_interior(kind, seed):
     rng = np.random.default_rng(10 + seed)
-    n, memory = 30, 4
-    lm, stored = build(kind, quadratic_pairs(rng, spd(rng, n), 6), memory, n)
-    B = dense_of(lm, stored, n)
-    g = random_g(rng, n)
+    lm, B = positive_definite(kind, rng, 30, 4, 6)
+    g = random_g(rng, 30)
     radius = 2.0 * np.linalg.norm(np.linalg.solve(B, g))
     _, _, hits, _ = compare_solve(lm, B, g, radius)
     assert not hits
@@ -260,11 +352,8 @@ def test_solve_positive_definite_interior(kind, seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_solve_positive_definite_boundary(kind, seed):
     rng = np.random.default_rng(20 + seed)
-    n, memory = 40, 5
-    lm, stored = build(kind, quadratic_pairs(rng, spd(rng, n), 7, noise=0.05), memory, n)
-    B = dense_of(lm, stored, n)
-    assert np.linalg.eigvalsh(B)[0] > 0
-    g = random_g(rng, n)
+    lm, B = positive_definite(kind, rng, 40, 5, 7, noise=0.05)
+    g = random_g(rng, 40)
     radius = 0.3 * np.linalg.norm(np.linalg.solve(B, g))
     _, _, hits, _ = compare_solve(lm, B, g, radius)
     assert hits

@@ -272,3 +272,177 @@ def test_float32_and_float64_parameters_take_the_same_first_step():
         expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * (1 - 0.01 / 2.0)
         assert x.dtype == dtype
         torch.testing.assert_close(x.detach().double(), expected, rtol=1e-6, atol=1e-7)
+
+
+# -- radius rule with the step length (N&W Alg. 4.1 / 6.2) ------------------------------------
+@pytest.mark.parametrize("radius, rho, step_norm, expected", [
+    (0.01, 0.9, None, 0.02),          # boundary by construction (first-order): grow
+    (0.01, 0.9, 0.008, 0.02),         # ||s|| >= 0.8 radius counts as the boundary: grow
+    (0.01, 0.9, 0.0079, 0.01),        # interior step, very successful: keep
+    (0.01, 0.5, 0.001, 0.01),         # interior, successful: keep
+    (0.01, 0.1, 0.004, 0.002),        # interior, failed: shrink relative to ||s||
+    (0.01, 0.1, 0.02, 0.005),         # ||s|| > radius (rounding): shrink relative to the radius
+    (0.01, math.nan, 1e-5, 1e-4),     # failed, clipped at min_radius
+    (0.08, 5.0, 0.079, 0.1),          # boundary growth clipped at max_radius
+])
+def test_update_radius_with_step_norm_every_branch(radius, rho, step_norm, expected):
+    assert update_radius(radius, rho, **RULE, step_norm=step_norm) == pytest.approx(expected, rel=0, abs=1e-15)
+
+
+# -- the engine's iteration ---------------------------------------------------------------------
+def core_on(x, **config):
+    from apts_mpi.decomposition import Subdomain
+    from apts_mpi.trust_region import TrustRegionCore
+    return TrustRegionCore(Subdomain.whole([x]), TrustRegionConfig(**config))
+
+
+def evaluator(x, fun, calls=None):
+    """evaluate(grad_out) for the core; records whether a gradient was asked for."""
+    def evaluate(grad_out):
+        if calls is not None:
+            calls.append(grad_out is not None)
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            f = fun(xx)
+            if grad_out is None:
+                return f.detach()
+            (g,) = torch.autograd.grad(f, xx)
+        grad_out.copy_(g)
+        return f.detach()
+    return evaluate
+
+
+def test_quasi_newton_step_without_decrease_falls_back_to_the_cauchy_point():
+    """A solver step with no model decrease used to stop the run for good; now the Cauchy point
+    s = -t g, t = min(radius / ||g||, g^T g / g^T B g) (N&W eq. 4.12) is taken and the memory is
+    cleared."""
+    A = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64))
+    fun = lambda v: 0.5 * v @ (A @ v)
+    x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    core = core_on(x, model="lbfgs", norm="2", radius=0.5, max_radius=10.0)
+    evaluate = evaluator(x, fun)
+    core.run(evaluate, 2)                            # one first-order step, one pair stored
+    assert len(core.qn) >= 1
+    g = (A @ x).clone()
+    B = torch.stack([core.qn.matvec(e) for e in torch.eye(3, dtype=torch.float64)], 1)
+    core.qn.solve = lambda grad, radius: (-grad * 0.0, True)      # a step without decrease
+    x0, r = x.clone(), core.radius
+    core.run(evaluate, 1, loss=float(fun(x)))
+    gBg = float(g @ B @ g)
+    t = min(r / float(g.norm()), float(g @ g) / gBg)
+    assert core.counters.fallbacks == 1 and core.counters.memory_resets == 1 and len(core.qn) == 1
+    assert core.counters.loss_evals == 4              # the fallback step was tried
+    if core.counters.accepted == 3:
+        torch.testing.assert_close(x - x0, -t * g, rtol=1e-10, atol=1e-14)
+    assert core.counters.rho == pytest.approx(
+        float(fun(x0) - fun(x0 - t * g)) / (t * float(g @ g) - 0.5 * t * t * gBg), rel=1e-8)
+
+
+def test_rejection_at_the_radius_floor_ends_the_run():
+    """Every trial increases f; at min_radius a rejected step would be retried identically."""
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    fun = lambda v: ((v - torch.tensor([0.3, -0.2], dtype=torch.float64)) ** 2).sum() * 1e9 + v.sum()
+    core = core_on(x, radius=1e-4, min_radius=1e-4, max_radius=0.1)
+    core.run(evaluator(x, fun), 5)
+    assert core.counters.rejected == 1 and core.counters.loss_evals == 2
+    assert core.radius == 1e-4
+
+
+@pytest.mark.parametrize("model, iters, expected", [
+    ("first-order", 3, [True, True, True, False]),   # the last trial's gradient is never used
+    ("lbfgs", 3, [True, True, True, True]),          # the quasi-Newton pair uses it
+])
+def test_loss_only_evaluation_where_the_gradient_cannot_be_used(model, iters, expected):
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    calls = []
+    core = core_on(x, model=model, norm="2", radius=0.1, max_radius=1.0)
+    core.run(evaluator(x, lambda v: (v ** 2).sum(), calls), iters, loss_only=True)
+    assert calls == expected
+    assert core.counters.loss_evals == len(calls) and core.counters.grad_evals == sum(calls)
+    assert core.grad_current == expected[-1]
+
+
+def test_trust_region_baseline_one_iteration_reads_one_gradient():
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    opt = TrustRegion([x], radius=0.01)
+    opt.step(quadratic_closure(x, torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)))
+    assert opt.counters.loss_evals == 2 and opt.counters.grad_evals == 1
+    assert opt.counters.accepted == 1
+
+
+def test_rho_is_one_when_both_decreases_are_at_rounding_level():
+    x = torch.zeros(2, dtype=torch.float64)
+    core = core_on(x)
+    core.loss = 1.0
+    eps = torch.finfo(torch.float64).eps
+    accept, rho, _ = core.ratio_decision(1.0 * eps, 5.0 * eps, True)   # 0.2: noise, not failure
+    assert accept and rho == 1.0
+    accept, rho, _ = core.ratio_decision(1.0 * eps, 50.0 * eps, True)  # pred above the noise
+    assert not accept and rho == pytest.approx(0.02)
+
+
+def test_quasi_newton_inf_norm_step_fills_the_box():
+    """norm='inf': solved in the 2-ball of radius sqrt(n) Delta and clipped to ||s||_inf <= Delta,
+    not in the 2-ball of radius Delta (sqrt(n) times shorter than the first-order step)."""
+    n = 64
+    A = torch.diag(torch.linspace(1.0, 2.0, n, dtype=torch.float64))
+    fun = lambda v: 0.5 * v @ (A @ v)
+    x = torch.ones(n, dtype=torch.float64)
+    core = core_on(x, model="lbfgs", norm="inf", radius=0.01, max_radius=0.1, eta2=0.99)
+    evaluate = evaluator(x, fun)
+    core.run(evaluate, 1)
+    assert len(core.qn) == 1
+    before, r = x.clone(), core.radius
+    core.run(evaluate, 1, loss=float(fun(x)))
+    s = x - before
+    assert core.counters.accepted == 2 and core.counters.fallbacks == 0
+    assert float(s.abs().max()) == pytest.approx(r, rel=1e-12)          # the whole box
+    assert float(s.norm()) > 0.9 * r * math.sqrt(n)
+    assert core.radius == min(2 * r, 0.1)                               # a boundary step grows it
+
+
+class FakeAgree:
+    """agree() of a rank that receives another rank's values: position -> value to substitute."""
+
+    def __init__(self, substitute):
+        self.calls, self.substitute = [], substitute
+
+    def __call__(self, values):
+        self.calls.append(list(values))
+        return [self.substitute.get((len(self.calls) - 1, i), v) for i, v in enumerate(values)]
+
+
+def test_agree_decides_the_branch_not_the_local_values():
+    fun = lambda v: (v ** 2).sum()
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    # the local trial is a clear success; the agreed trial loss (another rank's) is larger than f
+    agree = FakeAgree({(1, 0): 10.0})
+    core = core_on(x, radius=0.1, max_radius=1.0)
+    core.run(evaluator(x, fun), 1, agree=agree)
+    assert [len(c) for c in agree.calls] == [2, 2]
+    assert agree.calls[0][1] == 0.0 and agree.calls[1][1] == 1.0        # [pred, stop], [trial, finite]
+    assert core.counters.rejected == 1 and torch.equal(x, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert core.counters.rho == pytest.approx((2.0 - 10.0) / agree.calls[0][0])
+    # the agreed pred is the one rho uses
+    x2 = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    agree = FakeAgree({(0, 0): 1e3})
+    core = core_on(x2, radius=0.1, max_radius=1.0)
+    core.run(evaluator(x2, fun), 1, agree=agree)
+    assert core.counters.rho == pytest.approx((2.0 - agree.calls[1][0]) / 1e3)
+    assert core.counters.rejected == 1
+    # an agreed stop flag ends the run before any trial; an agreed non-finite flag rejects
+    x3 = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    core = core_on(x3, radius=0.1, max_radius=1.0)
+    core.run(evaluator(x3, fun), 3, agree=FakeAgree({(0, 1): 1.0}))
+    assert core.counters.loss_evals == 1
+    core.run(evaluator(x3, fun), 1, agree=FakeAgree({(1, 1): 0.0}))
+    assert core.counters.rejected == 1 and core.counters.nonfinite == 1
+
+
+def test_trust_region_passes_agree_to_the_engine():
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    agree = FakeAgree({})
+    opt = TrustRegion([x], radius=0.01, max_iters=2, agree=agree)
+    assert "agree" not in opt.param_groups[0]
+    opt.step(quadratic_closure(x, torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
+    assert len(agree.calls) == 4
