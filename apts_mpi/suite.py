@@ -214,7 +214,7 @@ def summarize(runs: list[Run], out: Path) -> str:
     if pinn:
         table, numbers["pinn"] = _problem_table(pinn, "l2_error", "min", 1e-3, _work)
         parts += ["### PINN: 2-D Poisson, relative L2 error (target 1e-3)", "", table, ""]
-        plot_runs([p for _, p in pinn if (p / "metrics.h5").exists()], out / "pinn.png")
+        _plot([p for _, p in pinn], out / "pinn.png")
     lm = [(r, path(r)) for r in runs if r.problem == "shakespeare"]
     if lm:
         adamw = [(r, p) for r, p in lm if r.method == "adamw" and (p / "metrics.h5").exists()]
@@ -233,7 +233,7 @@ def summarize(runs: list[Run], out: Path) -> str:
                   f"(target {target:.4f}: the best AdamW of the sweep)" if target else
                   "### Tiny Shakespeare, small GPT: validation loss", "", table, "",
                   f"Total seconds of the AdamW and SGD learning-rate sweeps: {sweep:.0f}.", ""]
-        plot_runs([p for _, p in lm if (p / "metrics.h5").exists()], out / "shakespeare.png")
+        _plot([p for _, p in lm], out / "shakespeare.png")
     scaling = [r for r in runs if r.problem == "scaling"]
     if scaling:
         table, numbers["scaling"] = _scaling_table(scaling, out)
@@ -242,6 +242,12 @@ def summarize(runs: list[Run], out: Path) -> str:
     (out / "suite.md").write_text(text)
     (out / "suite.json").write_text(json.dumps(numbers, indent=1, default=float))
     return text
+
+
+def _plot(paths, figure):
+    done = [p for p in paths if (p / "metrics.h5").exists()]
+    if done:
+        plot_runs(done, figure)
 
 
 def _scaling_table(runs, out):

@@ -180,3 +180,12 @@ def test_adam_lowers_the_loss_and_samples(tmp_path):
     assert p.artifacts(model)["sample"] == sample  # seeded
     with pytest.raises(ValueError, match="prompt"):
         p.generate(model, prompt="Q")
+
+
+def test_a_diverged_model_ends_its_sample_instead_of_failing(tmp_path):
+    problem = make_problem(tmp_path)
+    torch.manual_seed(0)
+    model = problem.build_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # what a diverged run leaves
+    assert problem.artifacts(model)["sample"] == "\n"

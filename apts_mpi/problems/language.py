@@ -256,7 +256,8 @@ class LanguageProblem(Problem):
 
     def generate(self, model, length: int = SAMPLE_LENGTH, prompt: str = "\n", seed: int = 0) -> str:
         """``prompt`` followed by ``length`` characters sampled from the model's softmax (seeded);
-        ValueError if ``prompt`` is empty or has a character outside the vocabulary."""
+        ValueError if ``prompt`` is empty or has a character outside the vocabulary.  A model whose
+        output is not finite (a diverged run) ends the sample early, so a run still ends cleanly."""
         unknown = sorted(set(prompt) - set(self.stoi))
         if not prompt or unknown:
             raise ValueError(f"the prompt must be non-empty text of the vocabulary; got {prompt!r}")
@@ -268,6 +269,8 @@ class LanguageProblem(Problem):
             for _ in range(length):
                 logits = model(ids[:, -self.context:])[0, -1]
                 probs = torch.softmax(logits.double(), dim=-1).cpu()
+                if not torch.isfinite(probs).all():
+                    break
                 nxt = torch.multinomial(probs, 1, generator=generator).to(self.device)
                 ids = torch.cat([ids, nxt[None]], dim=1)
         model.train(was_training)
