@@ -4,24 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from apts_mpi.config import ConfigError
 from apts_mpi.data import DataError
 from apts_mpi.problems.language import GPT_SIZES, LanguageProblem, gpt
+from parts import PartComm
 
 TEXT = "".join(f"line {i}: to be, or not to be? {'ABCxyz'[i % 6]}\n" for i in range(12))
-
-
-class PartComm:
-    """One rank of ``size``: records what evaluate() would sum, returns its own part."""
-
-    def __init__(self, rank, size):
-        self.rank, self.size, self.values = rank, size, None
-
-    def sum_scalars(self, values):
-        self.values = list(values)
-        return list(values)
 
 
 def make_problem(tmp_path, text=TEXT, context=8, name="gpt-small", dtype=torch.float64,

@@ -8,17 +8,7 @@ import torch
 
 from apts_mpi.config import ConfigError
 from apts_mpi.problems.pinn import PoissonProblem
-
-
-class PartComm:
-    """One rank of ``size``: records what evaluate() would sum, returns its own part."""
-
-    def __init__(self, rank, size):
-        self.rank, self.size, self.values = rank, size, None
-
-    def sum_scalars(self, values):
-        self.values = list(values)
-        return list(values)
+from parts import PartComm
 
 
 def make_problem(n_i=40, n_b=12, seed=0, dtype=torch.float64, name="pinn-mlp"):
