@@ -189,7 +189,7 @@ def trust_region(name, model):
 
 
 def table(names=PROBLEMS, file=sys.stdout):
-    rows, ratios = [], {"lsr1": [], "lbfgs": []}
+    ratios = {"lsr1": [], "lbfgs": []}
     head = f"{'problem':20s} {'n':>3s} {'L-BFGS-B':>9s}" + "".join(
         f" {m + ' evals':>11s} {'||g||inf':>9s} {'fb/rs/sk':>9s}" for m in ratios)
     print(head, file=file)

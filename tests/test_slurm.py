@@ -134,7 +134,7 @@ def test_baselines_array_runs_and_logs_under_the_array_job_id(tmp_path):
         assert log_file.exists(), sorted(p.name for p in tmp_path.iterdir())
         log = log_file.read_text()
         assert f"mnist-baselines: job {array}_{index} " in log, log
-        assert f"on 2 rank(s)" in log, log
+        assert "on 2 rank(s)" in log, log
         _, epochs, attrs = read_metrics(tmp_path / "runs" / f"mnist-{method}-n2-seed0" / "metrics.h5")
         assert attrs["method"] == method and attrs["world_size"] == 2 and epochs["epoch"][-1] == 2
     assert rc == 0

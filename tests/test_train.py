@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 from mpi4py import MPI
 
 from apts_mpi import config
