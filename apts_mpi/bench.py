@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from . import options
 from .apts import APTS
 from .comm import Comm
 from .models import build_model, count_parameters
@@ -252,8 +253,9 @@ def main(argv=None):
     p.add_argument("--method", choices=("adam", "sgd", "tr", "lbfgs"), default="adam")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--local-iters", type=int, default=5)
-    p.add_argument("--global-iters", type=int, default=1)
+    apts_defaults = options.defaults("apts")
+    p.add_argument("--local-iters", type=int, default=apts_defaults["local_iters"])
+    p.add_argument("--global-iters", type=int, default=apts_defaults["global_iters"])
     p.add_argument("--data", default=os.environ.get("APTS_DATA"))
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
