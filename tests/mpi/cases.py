@@ -39,6 +39,34 @@ def problem(seed=0, samples=240, rank=0, vary_data=False, batchnorm=False):
     return model, x, y
 
 
+TEXT = "".join(f"line {i}: to be, or not to be, that is the question {'ABCxyz'[i % 6]}\n"
+               for i in range(40))
+
+
+def problem_of(name, rank=0):
+    """(model, batch, objective) of one of the package's problems, tiny, float64: the PINN
+    (``pinn``) or the small GPT on a synthetic text (``gpt``), through the problem interface."""
+    import tempfile
+    from apts_mpi.problems import PROBLEMS
+    data = {"root": None, "download": False, "batch_size": 100000, "overlap": 0.0,
+            "test_batch_size": 64}
+    if name == "pinn":
+        data.update(dataset="poisson2d", interior_points=60, boundary_points=16)
+        model = "pinn-mlp"
+    else:
+        root = tempfile.mkdtemp(prefix=f"apts-cases-{rank}-")
+        os.makedirs(os.path.join(root, "tinyshakespeare"))
+        with open(os.path.join(root, "tinyshakespeare", "input.txt"), "w") as f:
+            f.write(TEXT)
+        data.update(dataset="tinyshakespeare", root=root, context=8)
+        model = "gpt-small"
+    cfg = {"seed": 0, "data": data, "model": {"name": model, "dtype": "float64"}}
+    p = PROBLEMS[data["dataset"]](cfg, torch.device("cpu"), torch.float64)
+    torch.manual_seed(0)
+    net = p.build_model()
+    return net, p.batch(torch.arange(min(p.n_train, 96))), p.objective
+
+
 def cases(world):
     """name -> (subdomains, APTS keywords) for a world of ``world`` ranks."""
     out = {}
@@ -52,6 +80,9 @@ def cases(world):
         # batch norm with micro-batches that cut across the ranks' shares: every evaluation of an
         # iteration must see the same cuts, the serial emulation those of the N-rank run
         out[f"N{n}-batchnorm-micro"] = (n, dict(batchnorm=True, micro_batch=23, global_iters=2))
+        # the package's other problems: a PINN (input derivatives by autograd) and a GPT
+        out[f"N{n}-pinn"] = (n, dict(problem="pinn", micro_batch=20))
+        out[f"N{n}-gpt"] = (n, dict(problem="gpt"))
     if world == 4:
         for acc in ("ratio", "none"):
             out[f"N2x2-{acc}"] = (2, dict(replicas=2, acceptance=acc))
@@ -82,14 +113,18 @@ def run_case(kwargs, subdomains, comm=None, vary_data=False, batchnorm=False, fu
     batchnorm = kwargs.pop("batchnorm", batchnorm)
     perturbed = kwargs.pop("perturb", False)
     rank = 0 if comm is None else comm.Get_rank()
-    model, x, y = problem(rank=rank, vary_data=vary_data, batchnorm=batchnorm)
-    opt = APTS(model, torch.nn.functional.cross_entropy, comm,
+    if "problem" in kwargs:
+        model, batch, objective = problem_of(kwargs.pop("problem"), rank)
+    else:
+        model, x, y = problem(rank=rank, vary_data=vary_data, batchnorm=batchnorm)
+        batch, objective = (x, y), torch.nn.functional.cross_entropy
+    opt = APTS(model, objective, comm,
                subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3, **CONSTANTS, **kwargs)
     if perturbed and comm is not None and opt.group.rank != 0:
         perturb(opt, rank)
     accepted, reported = [], []  # per iteration: APTS step accepted, global-pass steps accepted
     for _ in range(ITERATIONS):
-        opt.step(x, y)
+        opt.step(batch)
         accepted.append((opt.report.accepted, opt.report.global_accepted))
         reported.append([getattr(opt.report, k) for k in REPORTED])
     # the parameters follow the serial emulation; batch-norm running statistics are the
