@@ -13,7 +13,8 @@ from apts_mpi import config as configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.sbatch"))
-EXPECTED = {"mnist-apts.sbatch", "mnist-baselines.sbatch", "cifar10-resnet18.sbatch"}
+EXPECTED = {"mnist-apts.sbatch", "mnist-baselines.sbatch", "cifar10-resnet18.sbatch",
+            "shakespeare-gpt.sbatch"}
 CONFIG_REF = re.compile(r"configs/[^\s\"',;)]*?\.yaml")
 LAUNCH = "python -m mpi4py -m apts_mpi train"
 
@@ -245,6 +246,20 @@ def test_cifar10_sets_subdomains_to_the_task_count(site, method, ntasks):
     cfg = configuration.load(ROOT / config, sets)
     assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == "resnet18"
     assert cfg["data"]["dataset"] == "cifar10" and cfg["device"] == "cuda"
+    if method == "apts":
+        assert cfg["optimizer"]["subdomains"] == ntasks
+
+
+@pytest.mark.parametrize("method,ntasks", [("apts", 2), ("apts", 4), ("adamw", 2)])
+def test_shakespeare_gpt_sets_subdomains_to_the_task_count(site, method, ntasks):
+    tmp, _ = site
+    result, argv, _ = submit(site, "shakespeare-gpt.sbatch", SLURM_NTASKS=str(ntasks), METHOD=method)
+    assert result.returncode == 0, result.stderr
+    config, out, sets, _ = train_args(argv)
+    assert out == str(tmp / "runs" / f"shakespeare-gpt-{method}-n{ntasks}-seed0")
+    cfg = configuration.load(ROOT / config, sets)
+    assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == "gpt-shakespeare"
+    assert cfg["data"]["dataset"] == "tinyshakespeare" and cfg["device"] == "cuda"
     if method == "apts":
         assert cfg["optimizer"]["subdomains"] == ntasks
 
