@@ -236,30 +236,21 @@ def test_mnist_baselines_outside_an_array_stops(site):
     assert result.returncode == 2 and argv is None and "--array" in result.stderr
 
 
-@pytest.mark.parametrize("method,ntasks", [("apts", 2), ("apts", 4), ("apts", 6), ("adam", 4)])
-def test_cifar10_sets_subdomains_to_the_task_count(site, method, ntasks):
+@pytest.mark.parametrize("script,method,ntasks", [
+    ("cifar10-resnet18", "apts", 2), ("cifar10-resnet18", "apts", 4), ("cifar10-resnet18", "apts", 6),
+    ("cifar10-resnet18", "adam", 4),
+    ("shakespeare-gpt", "apts", 2), ("shakespeare-gpt", "apts", 4), ("shakespeare-gpt", "adamw", 2)])
+def test_gpu_jobs_set_subdomains_to_the_task_count(site, script, method, ntasks):
     tmp, _ = site
-    result, argv, _ = submit(site, "cifar10-resnet18.sbatch", SLURM_NTASKS=str(ntasks), METHOD=method)
+    result, argv, _ = submit(site, f"{script}.sbatch", SLURM_NTASKS=str(ntasks), METHOD=method)
     assert result.returncode == 0, result.stderr
     config, out, sets, _ = train_args(argv)
-    assert out == str(tmp / "runs" / f"cifar10-resnet18-{method}-n{ntasks}-seed0")
+    assert out == str(tmp / "runs" / f"{script}-{method}-n{ntasks}-seed0")
     cfg = configuration.load(ROOT / config, sets)
-    assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == "resnet18"
-    assert cfg["data"]["dataset"] == "cifar10" and cfg["device"] == "cuda"
-    if method == "apts":
-        assert cfg["optimizer"]["subdomains"] == ntasks
-
-
-@pytest.mark.parametrize("method,ntasks", [("apts", 2), ("apts", 4), ("adamw", 2)])
-def test_shakespeare_gpt_sets_subdomains_to_the_task_count(site, method, ntasks):
-    tmp, _ = site
-    result, argv, _ = submit(site, "shakespeare-gpt.sbatch", SLURM_NTASKS=str(ntasks), METHOD=method)
-    assert result.returncode == 0, result.stderr
-    config, out, sets, _ = train_args(argv)
-    assert out == str(tmp / "runs" / f"shakespeare-gpt-{method}-n{ntasks}-seed0")
-    cfg = configuration.load(ROOT / config, sets)
-    assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == "gpt-shakespeare"
-    assert cfg["data"]["dataset"] == "tinyshakespeare" and cfg["device"] == "cuda"
+    model, dataset = {"cifar10-resnet18": ("resnet18", "cifar10"),
+                      "shakespeare-gpt": ("gpt-shakespeare", "tinyshakespeare")}[script]
+    assert cfg["optimizer"]["method"] == method and cfg["model"]["name"] == model
+    assert cfg["data"]["dataset"] == dataset and cfg["device"] == "cuda"
     if method == "apts":
         assert cfg["optimizer"]["subdomains"] == ntasks
 
