@@ -66,7 +66,7 @@ from .comm import BufferSync, Comm
 from .decomposition import Subdomain, decompose
 from .errors import InputError
 from .objective import as_objective, batch_size, chunks, share
-from .optimizers import Optimizer
+from .optimizers import Optimizer, as_batch
 from .trust_region import TrustRegionConfig, TrustRegionCore, update_radius
 
 
@@ -314,9 +314,7 @@ class APTS(Optimizer):
 
         ``step(x, y)`` or ``step((x, y))``: the tensors of the minibatch, sharing dim 0.
         """
-        if len(batch) == 1 and isinstance(batch[0], (tuple, list)):
-            batch = batch[0]
-        batch = tuple(batch)
+        batch = as_batch(batch)
         t_start = time.perf_counter()
         comm = self.comm
 

@@ -79,9 +79,9 @@ class Optimizer:
         self.load_state_dict(loads(saved[str(rank)] if self.state_per_rank else saved))
 
 
-def _batch(batch):
+def as_batch(batch: tuple) -> tuple:
     """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple."""
-    return tuple(batch[0]) if len(batch) == 1 and isinstance(batch[0], (tuple, list)) else batch
+    return tuple(batch[0]) if len(batch) == 1 and isinstance(batch[0], (tuple, list)) else tuple(batch)
 
 
 class DataParallel(Optimizer):
@@ -100,7 +100,7 @@ class DataParallel(Optimizer):
         self.radius = counters.radius if counters is not None else math.nan
 
     def closure(self, *batch):
-        batch = _batch(batch)
+        batch = as_batch(batch)
         B = batch_size(batch)
         part = share(batch, self.comm.rank, self.comm.size)
 
@@ -122,7 +122,7 @@ class DataParallel(Optimizer):
         before = self.evals
         counters = getattr(self.optimizer, "counters", None)
         accepted, nonfinite = (counters.accepted, counters.nonfinite) if counters else (0, 0)
-        loss = float(self.optimizer.step(self.closure(*_batch(batch))))
+        loss = float(self.optimizer.step(self.closure(*as_batch(batch))))
         _restart_stalled_lbfgs(self.optimizer)
         self.sync_buffers()
         evals = self.evals - before

@@ -157,8 +157,8 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("max_iter", 1, int, **POSITIVE_INT, help="L-BFGS iterations per step call"),
     ),
 }
-# the values of the config's optimizer.method
-TRAINABLE = ("apts", "tr", "sgd", "adam", "adamw", "schedulefree", "lbfgs", "adam-lbfgs")
+# the values of the config's optimizer.method (every table but the engine's own constants)
+TRAINABLE = tuple(m for m in METHODS if m != "trust-region")
 
 
 def _trust_region_rules(v, prefix):
