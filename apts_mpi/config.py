@@ -104,23 +104,16 @@ MODEL = {
 def _check(key, value, spec):
     default, types, check = spec
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ConfigError(f"{key}: expected {_type_name(types)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {options.type_name(types)}, got {value!r}")
     if types is _number and isinstance(value, int):
         value = float(value)
     if not isinstance(value, types):
-        raise ConfigError(f"{key}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {options.type_name(types)}, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: must be finite, got {value!r}")
     if check is not None and value is not None and not check[0](value):
         raise ConfigError(f"{key}: must be {check[1]}, got {value!r}")
     return value
-
-
-def _type_name(types):
-    types = types if isinstance(types, tuple) else (types,)
-    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-             "NoneType": "null"}
-    return " or ".join(dict.fromkeys(names[t.__name__] for t in types))
 
 
 def _fill(section_name, given, schema):

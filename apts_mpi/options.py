@@ -45,11 +45,11 @@ class Option:
         key = prefix + self.name
         types = self.types if isinstance(self.types, tuple) else (self.types,)
         if isinstance(value, bool) and bool not in types:
-            raise OptionError(self.name, f"{key} must be {_type_name(types)}; got {value!r}")
+            raise OptionError(self.name, f"{key} must be {type_name(types)}; got {value!r}")
         if types == NUMBER and isinstance(value, int):
             value = float(value)
         if not isinstance(value, types):
-            raise OptionError(self.name, f"{key} must be {_type_name(types)}; got "
+            raise OptionError(self.name, f"{key} must be {type_name(types)}; got "
                                          f"{type(value).__name__} {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise OptionError(self.name, f"{key} must be a finite number; got {value!r}")
@@ -58,7 +58,9 @@ class Option:
         return value
 
 
-def _type_name(types) -> str:
+def type_name(types) -> str:
+    """The types a message expects, in words: (int, NoneType) -> "an integer or null"."""
+    types = types if isinstance(types, tuple) else (types,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              type(None): "null"}
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
