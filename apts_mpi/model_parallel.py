@@ -21,7 +21,10 @@ The minibatch is cut as the serial emulation with N subdomains cuts it: N shares
 pipe in that order.  Losses and gradients are summed in the same order as on one process, so the
 local phases, f(theta_k) and the trial are bitwise those of the serial emulation (float64, CPU);
 the global pass's ||g||_2^2 and ||g||_1 are sums of per-block sums (a different summation order),
-so its predicted decrease, hence rho, differs at rounding level.  Running batch-norm statistics
+so its predicted decrease, hence rho, differs at rounding level.  With ``micro_batch`` the pieces are
+pipelined: rank d computes piece m + 1 while rank d + 1 computes piece m (a blocking send returns
+once the message is buffered, or once rank d + 1 posts its receive), which shortens the drain of
+each pass.  Running batch-norm statistics
 are per block, updated by the block's own evaluations (the theta_k copy's are discarded).
 
 Not supported (InputError): a model that is not an ``nn.Sequential``, a decomposition other than
@@ -91,7 +94,8 @@ def check(model, objective, o: dict, world: int) -> None:
 
 class ModelParallelAPTS(APTS):
     """APTS with block d of the model on rank d only; ``APTS(..., decomposition="stages",
-    model_parallel=True)`` makes one.  ``params_held``: parameter scalars materialised here.
+    model_parallel=True)`` makes one.  ``params_held``: the network's parameter scalars materialised
+    on this rank (its block; the theta_k copy and the engine's vectors are of the block's size too).
 
     The other blocks' parameters of the ``model`` passed in are released (emptied) on this rank;
     :meth:`model_state` gathers the whole state dict on rank 0 and :meth:`evaluation` gives a
@@ -155,7 +159,8 @@ class ModelParallelAPTS(APTS):
         return loss / B
 
     def _checked(self, pieces, B):
-        """The global pass's evaluation: NaN where any block's gradient is not finite."""
+        """The global pass's evaluation: NaN where any block's gradient is not finite (the serial
+        engine's finiteness test sees the whole gradient; here rank 0's sees its block only)."""
         def evaluate(grad_out=None):
             loss = self._full(pieces, B, grad_out)
             bad = grad_out is not None and not bool(torch.isfinite(grad_out).all())
@@ -233,8 +238,7 @@ class ModelParallelAPTS(APTS):
             accept = False
         else:
             self.sub.add_(self.correction)
-            evaluate = self._checked(pieces, B)
-            trial = float(evaluate(self.trial_grad if need_grad else None))
+            trial = float(self._full(pieces, B, self.trial_grad if need_grad else None))
             glob.count_evaluation(loss=1, grad=int(need_grad))
             accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
             if accept:
@@ -248,7 +252,7 @@ class ModelParallelAPTS(APTS):
         if self.global_iters and not broken:
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
-            loss = glob.run(evaluate, self.global_iters, loss=loss, agree=comm.bcast, loss_only=True)
+            loss = glob.run(self._checked(pieces, B), self.global_iters, loss=loss, agree=comm.bcast, loss_only=True)
             self.radius = glob.radius
         r.seconds_global = time.perf_counter() - t0
 
