@@ -90,6 +90,7 @@ def summary(paths, json_out=None):
         rss = " / ".join(f"{q['peak_rss_mib']:.0f}" for q in r["per_rank"])
         links = " / ".join(f"{q['bytes_down'] / 1e6:.1f} ({r['per_rank'][i + 1]['bytes_up'] / 1e6:.1f})"
                            for i, q in enumerate(r["per_rank"][:-1])) or "-"
+        links = links if r["mode"] == "model-parallel" else "- (collectives)"
         ranks = f"{r['ranks']} (oversubscribed)" if r["oversubscribed"] else str(r["ranks"])
         print(f"| {r['network']} | {r['mode']} | {ranks} | {held} | {rss} | {r['seconds']:.3f} | {links} |")
     if json_out:
