@@ -153,26 +153,35 @@ def test_an_objective_through_the_inputs_is_refused():
 def test_train_with_model_parallel_resumes_bitwise(tmp_path):
     """``apts-mpi train`` with optimizer.model_parallel on 2 ranks (digits): the evaluation runs
     through the pipe, the checkpoint gathers the blocks, metrics.h5 records params_held of every
-    rank, and 2 epochs + resume to 3 equal 3 epochs bit for bit."""
+    rank, and 1 epoch + resume to 2 equal 2 epochs bit for bit."""
     sys.path.insert(0, str(HERE))
     from test_cli import assert_same_trajectory
     from apts_mpi.results import read_metrics
     base = ["-m", "apts_mpi", "train", HERE.parent / "configs" / "demo.yaml", "--set",
             "optimizer.model_parallel=true", "--set", "optimizer.decomposition=stages", "--set",
-            "data.batch_size=300", "--set", "checkpoint_every=1"]
+            "data.batch_size=500", "--set", "checkpoint_every=1"]
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py"]
     runs = {name: subprocess.Popen([*cmd, *map(str, base), "--set", f"epochs={epochs}", "--out",
                                     str(tmp_path / out)], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=ENV)
-            for name, epochs, out in (("whole", 3, "whole"), ("first", 2, "resumed"))}
+            for name, epochs, out in (("whole", 2, "whole"), ("first", 1, "resumed"))}
     for name, proc in runs.items():
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, f"{name}: {out}"
-    second = mpirun(2, *base, "--set", "epochs=3", "--resume", "--out", tmp_path / "resumed")
+    second = mpirun(2, *base, "--set", "epochs=2", "--resume", "--out", tmp_path / "resumed")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "epoch   3" in second.stdout + second.stderr
+    assert "epoch   2" in second.stdout + second.stderr
     assert_same_trajectory(tmp_path / "whole", tmp_path / "resumed")
     _, epochs, attrs = read_metrics(tmp_path / "whole" / "metrics.h5")
     held = list(attrs["params_held"])
     assert len(held) == 2 and sum(held) == 64 * 32 + 32 + 32 * 10 + 10  # mlp-digits, two blocks
-    assert epochs["test_accuracy"][-1] > 0.5  # the pipe's evaluation sees a trained network
+    # the metrics evaluated through the pipe equal a one-process evaluation of the gathered model
+    from apts_mpi.comm import Comm
+    from apts_mpi.problems import PROBLEMS
+    from apts_mpi.results import load_checkpoint
+    problem = PROBLEMS["digits"](attrs["config"], torch.device("cpu"), torch.float32)
+    model = problem.build_model()
+    model.load_state_dict(load_checkpoint(tmp_path / "whole" / "checkpoint.h5")[0]["model"])
+    whole = problem.evaluate(model, Comm(None))
+    assert whole["test_accuracy"] == epochs["test_accuracy"][-1] > 0.3  # 0.1: chance
+    assert whole["test_loss"] == pytest.approx(epochs["test_loss"][-1], rel=1e-6)
