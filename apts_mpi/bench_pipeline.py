@@ -86,7 +86,8 @@ def summary(paths, json_out=None):
           "s/iter | MB per link per iter, down (up) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        held = " / ".join(f"{q['params_held']:,} ({q['params_held'] / r['total']:.2f})" for q in r["per_rank"])
+        held = " / ".join(f"{q['params_held']:,} ({q['params_held'] / r['total']:.2f})"
+                          for q in r["per_rank"])
         rss = " / ".join(f"{q['peak_rss_mib']:.0f}" for q in r["per_rank"])
         links = " / ".join(f"{q['bytes_down'] / 1e6:.1f} ({r['per_rank'][i + 1]['bytes_up'] / 1e6:.1f})"
                            for i, q in enumerate(r["per_rank"][:-1])) or "-"

@@ -252,7 +252,8 @@ class ModelParallelAPTS(APTS):
         if self.global_iters and not broken:
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
-            loss = glob.run(self._checked(pieces, B), self.global_iters, loss=loss, agree=comm.bcast, loss_only=True)
+            loss = glob.run(self._checked(pieces, B), self.global_iters, loss=loss, agree=comm.bcast,
+                            loss_only=True)
             self.radius = glob.radius
         r.seconds_global = time.perf_counter() - t0
 
@@ -317,6 +318,7 @@ class PipelineModule(torch.nn.Module):
         if not pipe.last:
             pipe._send(pipe.rank + 1, pipe._spec(y), [y])
         spec = self.comm.bcast(pipe._spec(y) if pipe.last else None, root=pipe.size - 1)
-        out = y.contiguous() if pipe.last else torch.empty(spec[0], dtype=getattr(torch, spec[1]))
+        out = y.detach().cpu().contiguous() if pipe.last else \
+            torch.empty(spec[0], dtype=getattr(torch, spec[1]))
         self.comm.Bcast(out.numpy(), root=pipe.size - 1)
-        return out
+        return out.to(y.device)

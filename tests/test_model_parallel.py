@@ -1,7 +1,6 @@
 """Model-parallel APTS (apts_mpi/model_parallel.py) under a real mpiexec: the same iterates as the
 serial emulation with decomposition "stages", a negative control, the parameters each rank holds,
 a killed rank, and the inputs it refuses."""
-import math
 import os
 import shutil
 import subprocess
@@ -115,6 +114,20 @@ def test_stages_cut_between_children_balanced_by_parameters():
     assert stage_bounds(model, 2) == [0, 2, 7]      # 40 | 99 (112 | 27 is worse)
     assert stage_bounds(model, 3) == [0, 2, 4, 7]
     assert [sd.numel for sd in decompose(model, 2, "stages")] == [40, 99]
+
+
+def test_stages_are_the_exact_min_max_split_of_the_layers():
+    """Against brute force over every placement of the cuts between LeNet-5's layers."""
+    import itertools
+    from apts_mpi.models import build_model
+    model = build_model("cifar-lenet5", (3, 32, 32), 10)
+    sizes = [sum(p.numel() for p in child.parameters()) for child in model]
+    sizes = [n for n in sizes if n]
+    for n in range(1, len(sizes) + 1):
+        got = max(sd.numel for sd in decompose(model, n, "stages"))
+        best = min(max(sum(sizes[a:b]) for a, b in zip((0,) + cuts, cuts + (len(sizes),)))
+                   for cuts in itertools.combinations(range(1, len(sizes)), n - 1))
+        assert got == best
 
 
 def _mlp():
