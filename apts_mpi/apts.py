@@ -115,12 +115,19 @@ class APTS(Optimizer):
     ``step``, ``memory``; ``subdomains`` (default: world size / replicas), ``decomposition``,
     ``local_iters``, ``local_fraction``, ``local_model``, ``acceptance``, ``window``,
     ``global_iters`` (0: no global pass), ``global_model``, ``foc``, ``replicas``,
-    ``micro_batch``; and ``seed`` (for the ``random-tensors`` decomposition).  ``report`` holds the
+    ``micro_batch``, ``model_parallel`` (True: a :class:`~apts_mpi.model_parallel.ModelParallelAPTS`,
+    rank d holding block d only); and ``seed`` (for the ``random-tensors`` decomposition).  ``report`` holds the
     :class:`IterationReport` of the last iteration, ``record()`` its row of the per-iteration series.
 
     Raises InputError (a ValueError) for a bad keyword or a world size that does not match
     subdomains * replicas.
     """
+
+    def __new__(cls, *args, model_parallel=False, **keywords):
+        if model_parallel is True and cls is APTS:  # block d on rank d only: apts_mpi/model_parallel.py
+            from .model_parallel import ModelParallelAPTS
+            cls = ModelParallelAPTS
+        return super().__new__(cls)
 
     def __init__(self, model, objective, comm=None, *, seed=0, **keywords):
         o = options.resolve("apts", keywords)

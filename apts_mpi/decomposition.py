@@ -15,6 +15,12 @@ vector back.  :func:`decompose` implements the three strategies:
 ``flat``
     the flattened parameter vector cut into N contiguous chunks of sizes differing by at most one,
     splitting tensors where needed; any N <= n.
+``stages``
+    an ``nn.Sequential`` cut between top-level children into N blocks (pipeline stages; one
+    activation tensor crosses each cut), balanced by parameter count (an exact min-max partition);
+    a child without parameters joins the next child that has some (trailing ones the last block).
+    :func:`stage_bounds` gives the children of each block; model-parallel APTS places block d on
+    rank d.
 
 Every strategy is deterministic given the seed and identical on every rank.
 """
@@ -136,6 +142,27 @@ def _min_max_partition(sizes, n_parts):
     return cuts[::-1]
 
 
+def stage_bounds(model: torch.nn.Module, n_stages: int) -> list[int]:
+    """Child indices 0 = c_0 < c_1 < ... < c_N = len(model): block d is ``model[c_d:c_{d+1}]``.
+
+    Raises InputError when ``model`` is not an ``nn.Sequential`` or has fewer than ``n_stages``
+    top-level children with trainable parameters.
+    """
+    if not isinstance(model, torch.nn.Sequential):
+        raise InputError(f"decomposition 'stages' cuts an nn.Sequential between its top-level "
+                         f"children; got a {type(model).__name__}")
+    sizes = [sum(p.numel() for p in child.parameters() if p.requires_grad) for child in model]
+    holders = [i for i, n in enumerate(sizes) if n]
+    if len(holders) < n_stages:
+        raise InputError(f"decomposition 'stages' needs at least {n_stages} top-level children with "
+                         f"parameters for {n_stages} blocks; this nn.Sequential has {len(holders)}")
+    # unit u: the children after the previous holder up to and including holder u
+    ends = [i + 1 for i in holders]
+    ends[-1] = len(model)
+    cuts = _min_max_partition([sizes[i] for i in holders], n_stages)
+    return [0] + [ends[c - 1] for c in cuts[1:]]
+
+
 def decompose(model: torch.nn.Module, n_subdomains: int, strategy: str = "balanced",
               seed: int = 0) -> list[Subdomain]:
     """Split the trainable parameters of ``model`` into ``n_subdomains`` disjoint subdomains.
@@ -148,6 +175,11 @@ def decompose(model: torch.nn.Module, n_subdomains: int, strategy: str = "balanc
         raise InputError(f"decomposition must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if not isinstance(n_subdomains, int) or n_subdomains < 1:
         raise InputError(f"subdomains must be a positive integer; got {n_subdomains!r}")
+    if strategy == "stages":
+        bounds, index = stage_bounds(model, n_subdomains), {id(p): i for i, p in enumerate(params)}
+        return [Subdomain(params, [Piece(index[id(p)], 0, p.numel()) for child in model[a:b]
+                                   for p in child.parameters() if p.requires_grad])
+                for a, b in zip(bounds[:-1], bounds[1:])]
     n = sum(p.numel() for p in params)
     limit = n if strategy == "flat" else len(params)
     if n_subdomains > limit:

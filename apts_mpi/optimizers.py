@@ -68,6 +68,21 @@ class Optimizer:
     def train_mode(self) -> None:
         """After the evaluation: back to the training parameters."""
 
+    # where the ranks hold parts of the model (model-parallel APTS) these three are overridden
+    params_held = None  # parameter scalars materialised on this rank (None: the whole model)
+
+    def model_state(self, model, comm):
+        """The model's state dict that rank 0 saves (None on the other ranks); collective."""
+        return model.state_dict() if comm.Get_rank() == 0 else None
+
+    def load_model_state(self, model, state: dict) -> None:
+        """The model (this rank's part of it) from a saved whole-model state dict."""
+        model.load_state_dict(state)
+
+    def evaluation(self, model, comm):
+        """(module, Comm) a problem's ``evaluate`` runs on: the model and the ranks' Comm."""
+        return model, comm
+
     def checkpoint_state(self, comm):
         """What rank 0 stores in a checkpoint (None on the other ranks); collective."""
         if not self.state_per_rank:

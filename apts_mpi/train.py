@@ -84,8 +84,9 @@ class Experiment:
 def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, **extra):
     """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
     opt_state = ex.optimizer.checkpoint_state(comm)
+    model_state = ex.optimizer.model_state(ex.model, comm)  # gathered where ranks hold blocks
     if comm.Get_rank() == 0:
-        payload = {"model": ex.model.state_dict(), "sampler": ex.sampler.state_dict(),
+        payload = {"model": model_state, "sampler": ex.sampler.state_dict(),
                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
                    "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
         save_checkpoint(path, payload, meta)
@@ -116,7 +117,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     checkpoint = out_dir / CHECKPOINT_FILE
     if resume:
         payload, _ = load_checkpoint(checkpoint, expect=meta)
-        model.load_state_dict(payload["model"])
+        optimizer.load_model_state(model, payload["model"])
         optimizer.load_checkpoint_state(payload["optimizer"], rank)
         sampler.load_state_dict(payload["sampler"])
         torch.set_rng_state(payload["rng"]["torch"])
@@ -132,7 +133,10 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     attrs = {"method": cfg["optimizer"]["method"], "seed": cfg["seed"], "config": cfg,
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
-             "subdomains": optimizer.n_subdomains, "n_train": problem.n_train}
+             "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
+             # parameter scalars each rank holds (model-parallel APTS: its block only)
+             "params_held": comm.allgather(int(optimizer.params_held if optimizer.params_held is not None
+                                               else sum(p.numel() for p in model.parameters())))}
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
         totals = {k: int(epochs[k][-1]) for k in totals}
@@ -183,7 +187,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
         optimizer.eval_mode()
-        metrics = problem.evaluate(model, world)
+        metrics = problem.evaluate(*optimizer.evaluation(model, world))
         optimizer.train_mode()
         if "loss" not in metrics:  # a problem without its own: the mean loss of the epoch's iterates
             of_epoch = np.asarray(iterations["epoch"]) == epoch + 1
@@ -197,7 +201,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         reached = ex.reached(metrics)
         last = epoch + 1 == cfg["epochs"] or reached
         save = not stopped and ((epoch + 1) % cfg["checkpoint_every"] == 0 or last)
-        if (last or stopped) and rank == 0:
+        if (last or stopped) and rank == 0 and optimizer.params_held is None:  # a whole model
             with torch.random.fork_rng(devices=[ex.device] if ex.device.type == "cuda" else []):
                 attrs.update(problem.artifacts(model))  # the run's random state stays untouched
         if rank == 0:

@@ -156,8 +156,7 @@ class TrustRegionCore:
         is None for a step on the boundary by construction (every first-order step).
         """
         g, s, cfg = self.grad, self.step, self.config
-        norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
-        g_inf, g_2sq, g_1 = torch.stack([norm(g, math.inf), g.dot(g), norm(g, 1)]).tolist()
+        g_inf, g_2sq, g_1 = self._norms(g)
         if not (g_inf > gtol and math.isfinite(g_2sq)):
             return 0.0, None
         g_norm = g_inf if cfg.norm == "inf" else math.sqrt(g_2sq)
@@ -168,6 +167,11 @@ class TrustRegionCore:
             return radius * g_1, None
         torch.mul(g, -radius / g_norm, out=s)
         return radius * g_2sq / g_norm, None
+
+    def _norms(self, g):
+        """(||g||_inf, ||g||_2^2, ||g||_1) of the step rule (a subclass may reduce them over ranks)."""
+        norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
+        return torch.stack([norm(g, math.inf), g.dot(g), norm(g, 1)]).tolist()
 
     def _quasi_newton(self, radius: float, g_norm: float, g_2sq: float):
         """The quasi-Newton step, or the Cauchy point of the same model when it is not good enough.
