@@ -78,7 +78,7 @@ POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
 NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
 POSITIVE_INT = dict(check=lambda v: v >= 1, rule="must be a positive integer")
 MODELS = ("first-order", "lsr1", "lbfgs")
-DECOMPOSITIONS = ("balanced", "random-tensors", "flat")
+DECOMPOSITIONS = ("balanced", "random-tensors", "flat", "cost")
 _models = dict(check=lambda v: v in MODELS,
                rule=f"must be one of {', '.join(MODELS)} (local_model and global_model)")
 
@@ -122,6 +122,9 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("replicas", 1, int, **at_least(1), help="ranks sharing one subdomain's minibatch"),
         Option("micro_batch", None, (int, type(None)), **at_least(1),
                help="evaluate a rank's share in chunks of this many samples (bounded memory)"),
+        Option("autocast", "none", str, **choice("none", "bf16"),
+               help="local phases' forward passes under torch.autocast to bfloat16 (losses, rho, sums "
+                    "stay in the parameters' dtype)"),
     ),
     "tr": TRUST_REGION + (
         Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
