@@ -80,24 +80,27 @@ class Subdomain:
                 t = t.grad
             yield t.view(-1)[p.start:p.stop]
 
+    # One fused operation over all pieces (torch.cat, the _foreach kernels torch.optim uses), not
+    # one per piece: the same element-wise copies and sums, bitwise, in one or a few kernel
+    # launches on a GPU (a ResNet-18 subdomain has dozens of tensors).
     @torch.no_grad()
     def gather(self, out: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """out <- R_d theta (or R_d of the gradient); returns ``out``."""
-        for (a, b), v in zip(self._spans(), self._views(grad)):
-            out[a:b].copy_(v)
+        torch.cat(list(self._views(grad)), out=out[:self.numel])
         return out
 
     @torch.no_grad()
     def scatter(self, vec: torch.Tensor, grad: bool = False) -> None:
         """theta[I_d] <- vec (or its gradient), exactly (bitwise)."""
-        for (a, b), v in zip(self._spans(), self._views(grad)):
-            v.copy_(vec[a:b])
+        torch._foreach_copy_(list(self._views(grad)), self._split(vec))
 
     @torch.no_grad()
     def add_(self, vec: torch.Tensor, alpha: float = 1.0) -> None:
         """theta[I_d] += alpha * vec."""
-        for (a, b), v in zip(self._spans(), self._views(False)):
-            v.add_(vec[a:b], alpha=alpha)
+        torch._foreach_add_(list(self._views(False)), self._split(vec), alpha=alpha)
+
+    def _split(self, vec):
+        return list(torch.split(vec[:self.numel], [p.numel for p in self.pieces]))
 
     def _spans(self):
         return zip(self.offsets[:-1], self.offsets[1:])
@@ -260,9 +263,12 @@ def evaluation_costs(model: torch.nn.Module, subdomains, example=None,
     """Predicted cost (forward FLOPs of ``example``, or parameter units without it; see
     ``_unit_flops``) of one gradient evaluation of each subdomain's local phase, by the model of
     ``_CostModel``, for subdomains of any strategy: a subdomain counts from the first module it
-    touches, and pays the weight gradients of every module it touches (a module's tensors are
-    differentiated whole, even where ``flat`` holds part of one).  Relative numbers: a local phase
-    makes about ``local_iters + 1`` such evaluations.
+    touches, and pays the weight-gradient product of every module of which it holds a tensor of two
+    or more dimensions (whole: autograd differentiates a tensor whole, even where ``flat`` holds
+    part of it; a bias alone costs nothing here).  Relative numbers: a local phase makes about
+    ``local_iters + 1`` such evaluations.  Not modelled: the work proportional to the subdomain's
+    parameter count (the trust-region vector operations, the bias and normalisation gradients),
+    which dominates when the minibatch is small.
     """
     params = subdomains[0].params
     units = _units(model, params, by_module=True)
@@ -273,5 +279,6 @@ def evaluation_costs(model: torch.nn.Module, subdomains, example=None,
         touched = sorted({unit_of[p.index] for p in sd.pieces})
         first = touched[0]
         forward = costs.suffix[first] if prefix_cached else costs.total
-        result.append(float(forward + costs.suffix[first + 1] + sum(costs.flops[u] for u in touched)))
+        weights = {unit_of[p.index] for p in sd.pieces if params[p.index].dim() >= 2}
+        result.append(float(forward + costs.suffix[first + 1] + sum(costs.flops[u] for u in weights)))
     return result

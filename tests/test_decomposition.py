@@ -96,6 +96,18 @@ def test_gather_scatter_add_round_trip():
     assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), reference)
 
 
+def test_add_is_the_elementwise_sum_of_the_flat_vectors():
+    """add_ over the pieces (one fused kernel) equals theta + alpha * w formed on the flat vector,
+    bitwise, for float32 and a split tensor."""
+    torch.manual_seed(0)
+    model = build_model("mlp-digits", (1, 8, 8), 10)
+    for sd in decompose(model, 3, "flat"):
+        v = sd.gather(torch.empty(sd.numel))
+        w = torch.randn(sd.numel)
+        sd.add_(w, alpha=-0.37)
+        assert torch.equal(sd.gather(torch.empty(sd.numel)), torch.add(v, w, alpha=-0.37))
+
+
 def test_mixed_dtypes_are_refused():
     a = torch.zeros(3, dtype=torch.float32)
     b = torch.zeros(3, dtype=torch.float64)
