@@ -86,6 +86,11 @@ def _random_batch(n, shape, device, seed=0):
 
 def _model(name, shape, device):
     torch.manual_seed(0)
+    if name == "deep-mlp":  # uniform layers: where the cost split departs from the parameter count
+        layers = [torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU()]
+        for _ in range(7):
+            layers += [torch.nn.Linear(512, 512), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(512, 10)).to(device)
     return build_model(name, shape, 10).to(device)
 
 
@@ -110,14 +115,15 @@ def apts_row(network, option, batch, device, s, comm=None, subdomains=None):
     x, y = batch
     shape = tuple(x.shape[1:])
     model = _model(network, shape, device)
-    keywords = dict(MNIST_APTS if network == "mnist-fc" else RESNET_APTS, **OPTIONS[option])
-    if network != "mnist-fc":
+    fully_connected = network in ("mnist-fc", "deep-mlp")
+    keywords = dict(MNIST_APTS if fully_connected else RESNET_APTS, **OPTIONS[option])
+    if not fully_connected:
         keywords["micro_batch"] = s["resnet_micro"]
     example = x[:2]
     _reset_peak(device)
     opt = APTS(model, F.cross_entropy, comm, subdomains=subdomains, example=example, **keywords)
     local = _timed_local_phases(opt, device)
-    iters = s["mnist_iters"] if network == "mnist-fc" else s["resnet_iters"]
+    iters = s["mnist_iters"] if fully_connected else s["resnet_iters"]
     times = []
     for k in range(s["warmup"] + iters):
         if comm is not None:
@@ -212,6 +218,36 @@ def mnist_data(root, device, s):
             "mnist")
 
 
+def split_sizes(quick: bool) -> dict:
+    return dict(mnist_batch=64 if quick else 10000, deep_batch=64 if quick else 2000,
+                warmup=0 if quick else 1, mnist_iters=1 if quick else 3)
+
+
+def split_benchmark(args):
+    """Predicted against measured local seconds, ``balanced`` against ``cost``: the MNIST network
+    (10,000 images) and a deep uniform MLP 784-512x8-10 (2,000 images), serial N = 2 and 4, and 2
+    MPI ranks (where mpiexec is found); writes ``DIR/gpu_bench_split.json``."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_bench: torch finds no CUDA device on this machine (--device cpu to run here)")
+    s, device, rows = split_sizes(args.quick), torch.device(args.device), []
+    os.makedirs(args.out, exist_ok=True)
+    for network in ("mnist-fc", "deep-mlp"):
+        batch = _random_batch(s["mnist_batch"] if network == "mnist-fc" else s["deep_batch"],
+                              (1, 28, 28), device)
+        for n in (2, 4):
+            for option in ("default", "cost"):
+                rows.append(apts_row(network, option, batch, device, s, subdomains=n))
+    if not args.no_mpi:
+        rows += mpi_rows(args)
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, data="random", quick=args.quick, sizes=s, rows=rows, tta=[])
+    print(table(result))
+    path = os.path.join(args.out, "gpu_bench_split.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 # -- two MPI ranks ----------------------------------------------------------------------------------
 def worker(args):
     """Under ``mpiexec -n 2``: the MNIST rows on two ranks; rank 0 writes them to ``args.worker``."""
@@ -223,14 +259,16 @@ def worker(args):
                  f"mpi4py's MPI library ({MPI.Get_library_version().splitlines()[0]}) differ; "
                  "point MPI4PY_LIBMPI at the library of this mpiexec")
     device = select_device(comm, args.device)
-    s = sizes(args.quick)
-    batch = _random_batch(s["mnist_batch"], (1, 28, 28), device)
+    s = split_sizes(args.quick) if args.split else sizes(args.quick)
     rows = []
-    for option in ("default", "cost"):
-        row = apts_row("mnist-fc", option, batch, device, s, comm=comm)
-        every = comm.gather(row["local_seconds"], root=0)
-        row["local_seconds"] = {str(d): v for r in (every or []) for d, v in r.items()}
-        rows.append(row)
+    for network in ("mnist-fc", "deep-mlp") if args.split else ("mnist-fc",):
+        batch = _random_batch(s["mnist_batch"] if network == "mnist-fc" else s["deep_batch"],
+                              (1, 28, 28), device)
+        for option in ("default", "cost"):
+            row = apts_row(network, option, batch, device, s, comm=comm)
+            every = comm.gather(row["local_seconds"], root=0)
+            row["local_seconds"] = {str(d): v for r in (every or []) for d, v in r.items()}
+            rows.append(row)
     if comm.Get_rank() == 0:
         with open(args.worker, "w") as f:
             json.dump(rows, f)
@@ -242,7 +280,8 @@ def mpi_rows(args):
         return [dict(network="mnist-fc", option="2 ranks", error="no mpiexec found")]
     path = os.path.join(args.out, "mpi-rows.json")
     cmd = [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "apts_mpi.gpu_bench",
-           "--device", args.device, "--worker", path] + (["--quick"] if args.quick else [])
+           "--device", args.device, "--worker", path] + (["--quick"] if args.quick else []) \
+        + (["--split"] if args.split else [])
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -303,10 +342,15 @@ def main(argv=None):
     p.add_argument("--data", default=os.environ.get("APTS_DATA"), help="MNIST under DATA/MNIST/raw")
     p.add_argument("--out", default="runs/gpu_bench")
     p.add_argument("--no-mpi", action="store_true", help="leave out the 2-rank rows")
+    p.add_argument("--split", action="store_true",
+                   help="only the cost split: MNIST network and a deep uniform MLP, balanced against "
+                        "cost, serial N = 2 and 4 and 2 MPI ranks")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.split:
+        return split_benchmark(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_bench: torch finds no CUDA device on this machine (--device cpu to run here)")
     from .data import DataError
