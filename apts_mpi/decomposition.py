@@ -197,7 +197,8 @@ def _unit_flops(model, params, units, example=None) -> list[float]:
     """Forward floating-point operations of each unit (a list of parameter indices, in model order).
 
     With ``example`` (a model input, e.g. a few samples): counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` during one forward pass, per module that owns the
+    ``torch.utils.flop_counter.FlopCounterMode`` during one forward pass in eval mode (running
+    statistics untouched), per module that owns the
     unit's parameters (its own operations, not those of parameter-owning modules inside it).
     Without: the unit's parameter count in tensors of two or more dimensions, the multiply-adds per
     row of a linear layer (exact in proportion for fully connected and transformer networks, whose
@@ -227,12 +228,16 @@ def _unit_flops(model, params, units, example=None) -> list[float]:
                 stack[-1][1] += inclusive
         for m in owner:
             hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # the same products; batch-norm running statistics left untouched
         try:
             with torch.no_grad():
                 model(example)
         finally:
             for h in hooks:
                 h.remove()
+            for m, training in modes:
+                m.training = training
     return flops
 
 

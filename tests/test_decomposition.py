@@ -169,3 +169,15 @@ def test_cost_counts_a_convolution_by_its_flops():
     params = list(model.parameters())
     flops = _unit_flops(model, params, _units(model, params, True), torch.randn(2, 3, 8, 8))
     assert flops == [2 * 2 * 4 * 6 * 6 * 3 * 3 * 3, 2 * 2 * 144 * 5]
+
+
+def test_cost_count_leaves_the_model_as_it_was():
+    """Counting FLOPs on an example runs the network once: batch-norm running statistics and the
+    train/eval flags are left as they were."""
+    model = build_model("resnet18", (3, 8, 8), 10)
+    model.layer1.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    decompose(model, 4, "cost", example=torch.randn(2, 3, 8, 8), prefix_cached=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert flags == [m.training for m in model.modules()]
