@@ -53,8 +53,8 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   the result equals the N-rank run up to the rounding of the shared evaluations.
 * ``autocast="bf16"``: the local phases' evaluations (the frozen prefix excepted) run their forward
   pass under ``torch.autocast`` to bfloat16 on the parameters' device type; each piece's loss is
-  cast back to the parameters' dtype before it is summed, gradients land in the parameters' dtype,
-  the trial, the global pass, rho and every sum stay as without it.  f(theta_k) in rho is then one
+  cast back to the parameters' dtype before it is summed, and gradients land in the parameters'
+  dtype; the trial, the global pass, rho and every sum stay as without it.  f(theta_k) in rho is then one
   more loss-only shared evaluation without autocast (counted as a global evaluation), so that rho
   compares two evaluations of the same precision; the decreases delta_d (pred) and, after a
   rejection, the gradient handed to the global pass come from the local phases' autocast
