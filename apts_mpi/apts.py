@@ -51,6 +51,14 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   split the minibatch in their local phase and sum loss and gradient within their communicator.
 * Serial emulation: on one rank with ``subdomains=N`` the N local phases run one after another;
   the result equals the N-rank run up to the rounding of the shared evaluations.
+* ``autocast="bf16"``: the local phases' evaluations (the frozen prefix excepted) run their forward
+  pass under ``torch.autocast`` to bfloat16 on the parameters' device type; each piece's loss is
+  cast back to the parameters' dtype before it is summed, and gradients land in the parameters'
+  dtype; the trial, the global pass, rho and every sum stay as without it.  f(theta_k) in rho is then one
+  more loss-only shared evaluation without autocast (counted as a global evaluation), so that rho
+  compares two evaluations of the same precision; the decreases delta_d (pred) and, after a
+  rejection, the gradient handed to the global pass come from the local phases' autocast
+  evaluations.  The iterates differ from the default's by bfloat16 rounding only.
 """
 from __future__ import annotations
 
@@ -115,8 +123,11 @@ class APTS(Optimizer):
     ``step``, ``memory``; ``subdomains`` (default: world size / replicas), ``decomposition``,
     ``local_iters``, ``local_fraction``, ``local_model``, ``acceptance``, ``window``,
     ``global_iters`` (0: no global pass), ``global_model``, ``foc``, ``replicas``,
-    ``micro_batch``, ``model_parallel`` (True: a :class:`~apts_mpi.model_parallel.ModelParallelAPTS`,
-    rank d holding block d only); and ``seed`` (for the ``random-tensors`` decomposition).  ``report`` holds the
+    ``micro_batch``, ``autocast``, ``model_parallel`` (True: a
+    :class:`~apts_mpi.model_parallel.ModelParallelAPTS`, rank d holding block d only); ``seed``
+    (for the ``random-tensors`` decomposition) and ``example`` (a model input of a few samples, for
+    the ``cost`` decomposition's FLOP count; without it the cost is estimated from the parameter
+    shapes).  ``report`` holds the
     :class:`IterationReport` of the last iteration, ``record()`` its row of the per-iteration series.
 
     Raises InputError (a ValueError) for a bad keyword or a world size that does not match
@@ -129,7 +140,7 @@ class APTS(Optimizer):
             cls = ModelParallelAPTS
         return super().__new__(cls)
 
-    def __init__(self, model, objective, comm=None, *, seed=0, **keywords):
+    def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
         o = options.resolve("apts", keywords)
         self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
@@ -147,6 +158,7 @@ class APTS(Optimizer):
         self.local_iters, self.global_iters, self.window = o["local_iters"], o["global_iters"], o["window"]
         self.local_fraction, self.acceptance, self.foc = o["local_fraction"], o["acceptance"], o["foc"]
         self.micro_batch = o["micro_batch"]
+        self.autocast = torch.bfloat16 if o["autocast"] == "bf16" else None
         local_model, global_model, decomposition = o["local_model"], o["global_model"], o["decomposition"]
 
         base = {k: o[k] for k in options.options("trust-region") if k != "model"}
@@ -154,7 +166,12 @@ class APTS(Optimizer):
         local_config = TrustRegionConfig(model=local_model, **base)
         self.radius = self.config.radius
 
-        parts = decompose(model, self.n_subdomains, decomposition, seed)
+        # a cached prefix (below) makes the local phases of later subdomains cheaper: the cost split
+        # knows it.  The same value as _frozen_prefix's test (cache_prefix is on at construction).
+        prefix_cached = self.objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
+        parts = decompose(model, self.n_subdomains, decomposition, seed, example=example,
+                          prefix_cached=prefix_cached)
+        self.subdomains = parts
         params = parts[0].params
         # the global flat layout is the subdomains' pieces in subdomain order: subdomain d occupies
         # the contiguous slice [offset_d, offset_d + numel_d) of every n-vector.
@@ -212,11 +229,14 @@ class APTS(Optimizer):
         """The pieces this rank evaluates in a shared evaluation over the world (all in serial)."""
         return self._pieces(batch, [self.comm.rank] if self.comm.size > 1 else range(self.n_shares))
 
-    def _shared_evaluate(self, pieces, B, comm: Comm, subdomain: Subdomain, grad_out=None, net=None):
+    def _shared_evaluate(self, pieces, B, comm: Comm, subdomain: Subdomain, grad_out=None, net=None,
+                         autocast=None):
         """f (and its gradient on ``subdomain`` into ``grad_out``) of a minibatch of ``B`` samples,
         of which this rank evaluates ``pieces``, summed over ``comm``'s ranks.
 
         ``net`` replaces the model (the part after a cached prefix).  ``grad_out=None``: the loss only.
+        ``autocast`` (a dtype): each piece's forward pass under ``torch.autocast`` to it, its loss cast
+        back to the parameters' dtype before backward and sum.
         """
         grad = grad_out is not None
         if grad:
@@ -224,7 +244,12 @@ class APTS(Optimizer):
         loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
         for piece in pieces:  # gradients accumulate over the pieces
             with torch.set_grad_enabled(grad):
-                term = self.objective(net or self.model, piece)
+                if autocast is None:
+                    term = self.objective(net or self.model, piece)
+                else:
+                    with torch.autocast(self.whole.device.type, dtype=autocast):
+                        term = self.objective(net or self.model, piece)
+                    term = term.to(self.whole.dtype)
                 if grad:
                     term.backward()
             loss += term.detach()
@@ -285,7 +310,8 @@ class APTS(Optimizer):
                 pieces = [(self.model[:k](piece[0]), *piece[1:]) for piece in pieces]
 
             def f_d(grad_out=None):
-                return self._shared_evaluate(pieces, B, self.group, sub, grad_out, net=net)
+                return self._shared_evaluate(pieces, B, self.group, sub, grad_out, net=net,
+                                             autocast=self.autocast)
 
             def with_foc(grad_out=None):  # f_d(u) + <R_d grad f(theta_k) - grad f_d(0), u>
                 loss = f_d(grad_out)
@@ -375,6 +401,9 @@ class APTS(Optimizer):
             loss0 = trial = loss = rho = math.nan
             accept = False
         else:
+            if self.autocast is not None:  # f(theta_k) in the parameters' precision, as the trial's
+                loss0 = float(self._shared_evaluate(pieces, B, comm, self.whole))
+                glob.count_evaluation(loss=1, grad=0)
             self.whole.add_(self.correction)
             trial = float(self._shared_evaluate(pieces, B, comm, self.whole,
                                                 self.trial_grad if need_grad else None))

@@ -61,14 +61,15 @@ class BlockCore(TrustRegionCore):
         super().__init__(subdomain, config)
         self.comm = comm
 
-    def _norms(self, g):
-        g_inf, g_2sq, g_1 = super()._norms(g)
-        parts = self.comm.allgather((g_inf, g_2sq, g_1))
+    partial_gradient = True
+
+    def _reduce_norms(self, values):
+        parts = self.comm.allgather(tuple(values))
         total_2sq = total_1 = 0.0
         for _, a, b in parts:
             total_2sq += a
             total_1 += b
-        return max(p[0] for p in parts), total_2sq, total_1
+        return [max(p[0] for p in parts), total_2sq, total_1]
 
 
 def check(model, objective, o: dict, world: int) -> None:
@@ -78,7 +79,8 @@ def check(model, objective, o: dict, world: int) -> None:
     for key, bad, why in (("replicas", o["replicas"] > 1, "one rank per block"),
                           ("foc", o["foc"], "its term is zero: a local phase sees the whole batch"),
                           ("global_model", o["global_model"] != "first-order",
-                           "a quasi-Newton global model spans all blocks")):
+                           "a quasi-Newton global model spans all blocks"),
+                          ("autocast", o["autocast"] != "none", "not built for the pipe")):
         if bad:
             raise InputError(f"model_parallel does not support {key}={o[key]!r} ({why})")
     if not isinstance(model, torch.nn.Sequential):
@@ -102,8 +104,8 @@ class ModelParallelAPTS(APTS):
     module whose forward runs the pipe (every rank calls it with the same inputs).
     """
 
-    def __init__(self, model, objective, comm=None, *, seed=0, **keywords):
-        o = options.resolve("apts", keywords)
+    def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
+        o = options.resolve("apts", keywords)  # seed and example: no use here (stages, no drawing)
         self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world, rank = self.comm.size, self.comm.rank

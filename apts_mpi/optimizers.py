@@ -236,18 +236,19 @@ BASELINES = {
 }
 
 
-def build_optimizer(cfg: dict, model, objective, comm) -> Optimizer:
+def build_optimizer(cfg: dict, model, objective, comm, example=None) -> Optimizer:
     """The optimiser of ``cfg['optimizer']`` for ``model``: APTS itself, or a data-parallel baseline.
 
     ``cfg`` needs ``optimizer`` (``method`` and keywords, checked by :mod:`apts_mpi.options`) and
-    ``seed``.  Raises ValueError for keywords that cannot run.
+    ``seed``.  ``example`` (a model input of a few samples) lets APTS's ``cost`` decomposition count
+    FLOPs.  Raises ValueError for keywords that cannot run.
     """
     keywords = dict(cfg["optimizer"])
     method = keywords.pop("method")
     keywords = options.resolve(method, keywords)
     if method == "apts":
         from .apts import APTS
-        return APTS(model, objective, comm, seed=cfg["seed"], **keywords)
+        return APTS(model, objective, comm, seed=cfg["seed"], example=example, **keywords)
     if method not in BASELINES:
         raise ValueError(f"method must be one of {', '.join(options.TRAINABLE)}; got {method!r}")
     world = Comm(comm)

@@ -78,7 +78,7 @@ POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
 NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
 POSITIVE_INT = dict(check=lambda v: v >= 1, rule="must be a positive integer")
 MODELS = ("first-order", "lsr1", "lbfgs")
-DECOMPOSITIONS = ("balanced", "random-tensors", "flat", "stages")
+DECOMPOSITIONS = ("balanced", "random-tensors", "flat", "stages", "cost")
 _models = dict(check=lambda v: v in MODELS,
                rule=f"must be one of {', '.join(MODELS)} (local_model and global_model)")
 
@@ -124,6 +124,9 @@ METHODS: dict[str, tuple[Option, ...]] = {
                help="evaluate a rank's share in chunks of this many samples (bounded memory)"),
         Option("model_parallel", False, bool,
                help="rank d holds only block d of an nn.Sequential (needs decomposition 'stages')"),
+        Option("autocast", "none", str, **choice("none", "bf16"),
+               help="local phases' forward passes under torch.autocast to bfloat16 (losses, rho, sums "
+                    "stay in the parameters' dtype)"),
     ),
     "tr": TRUST_REGION + (
         Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),

@@ -68,7 +68,11 @@ class Experiment:
 
     def build(self):
         cfg = self.cfg
-        self.optimizer = build_optimizer(cfg, self.model, self.problem.objective, self.comm)
+        example = None  # two training inputs: the cost decomposition counts FLOPs on them
+        if cfg["optimizer"].get("decomposition") == "cost":
+            example = self.problem.batch(torch.arange(min(2, self.problem.n_train)))[0]
+        self.optimizer = build_optimizer(cfg, self.model, self.problem.objective, self.comm,
+                                         example=example)
         self.sampler = MinibatchSampler(self.problem.n_train, cfg["data"]["batch_size"],
                                         cfg["data"]["overlap"], cfg["seed"])
         return self

@@ -18,8 +18,10 @@ docs/method.md section 4.  One iteration at the iterate x with loss f, gradient 
    grows the radius; a failure shrinks it to decrease x min(r, ||s||)).  A rejection at min_radius
    ends the run (the same step would be tried again).
 
-Host synchronisation: two small transfers per iteration, the gradient norms before the step and the
-trial loss with the trial gradient's largest magnitude after it (the scalars the rho-test needs).
+Host synchronisation: two small transfers per iteration, the gradient norms (with a box, together
+with the projected first-order step's decrease) before the trial, and the trial loss with the
+trial gradient's largest magnitude after it (the scalars the rho-test needs); none after a
+loss-only trial whose loss the evaluation already returned as a host float.
 With ``agree`` (MPI callers), the values every branch depends on pass through it at those points.
 """
 from __future__ import annotations
@@ -149,29 +151,58 @@ class TrustRegionCore:
         self.counters.grad_evals += grad_out is not None
         return loss
 
-    def _propose(self, radius: float, gtol: float = 0.0):
-        """Write the step for ``radius`` into self.step; return (model decrease, ||s|| or None).
+    def _propose(self, radius: float, gtol: float = 0.0, box: float | None = None):
+        """Write the step for ``radius`` into self.step (clipped by ``box``, see :meth:`_project`);
+        return (model decrease, ||s|| or None).
 
         The decrease is 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.  The norm
-        is None for a step on the boundary by construction (every first-order step).
+        is None for a step on the boundary by construction (every first-order step).  A first-order
+        step is formed on the device from the gradient's norms and projected before anything is
+        read: the norms and the projected step's decrease reach the host in one transfer.  The step
+        factor -radius / ||g|| is formed in float64 and rounded to the parameters' dtype, as the
+        multiplication by a host float does, so the step is bitwise the one formed from host values.
+        (With no step to take, self.step holds whatever that gives; nothing reads it.)
         """
         g, s, cfg = self.grad, self.step, self.config
-        g_inf, g_2sq, g_1 = self._norms(g)
+        norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
+        norms = [norm(g, math.inf), g.dot(g), norm(g, 1)]
+        quasi_newton = self.qn is not None and len(self.qn)
+        on_device = not (quasi_newton or self.partial_gradient)
+        if on_device:
+            if cfg.step == "sign":
+                torch.sign(g, out=s).mul_(-radius)
+            else:
+                g_norm = norms[0] if cfg.norm == "inf" else norms[1].double().sqrt()
+                factor = torch.full((), -radius, dtype=torch.float64, device=g.device) / g_norm.double()
+                torch.mul(g, factor.to(g.dtype), out=s)
+            if box is not None:
+                norms.append(-g.dot(self._clip(box)))
+        values = torch.stack(norms).tolist()
+        values[:3] = self._reduce_norms(values[:3])
+        g_inf, g_2sq, g_1 = values[:3]
         if not (g_inf > gtol and math.isfinite(g_2sq)):
             return 0.0, None
         g_norm = g_inf if cfg.norm == "inf" else math.sqrt(g_2sq)
-        if self.qn is not None and len(self.qn):
-            return self._quasi_newton(radius, g_norm, g_2sq)
-        if cfg.step == "sign":
-            torch.sign(g, out=s).mul_(-radius)
-            return radius * g_1, None
-        torch.mul(g, -radius / g_norm, out=s)
-        return radius * g_2sq / g_norm, None
+        if quasi_newton:
+            pred, step_norm = self._quasi_newton(radius, g_norm, g_2sq)
+            return (self._project(box) if box is not None and pred > 0 else pred), step_norm
+        if not on_device:  # a block of the gradient: the step from the reduced norms, on the host
+            if box is not None:
+                raise ValueError("a box needs the whole gradient on this rank")
+            if cfg.step == "sign":
+                torch.sign(g, out=s).mul_(-radius)
+            else:
+                torch.mul(g, -radius / g_norm, out=s)
+        pred = radius * g_1 if cfg.step == "sign" else radius * g_2sq / g_norm
+        return (values[3] if box is not None and pred > 0 else pred), None
 
-    def _norms(self, g):
-        """(||g||_inf, ||g||_2^2, ||g||_1) of the step rule (a subclass may reduce them over ranks)."""
-        norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
-        return torch.stack([norm(g, math.inf), g.dot(g), norm(g, 1)]).tolist()
+    #: True where self.grad is one block of a gradient split over ranks (model-parallel APTS): the
+    #: norms are reduced by :meth:`_reduce_norms` before the step is formed (on the host)
+    partial_gradient = False
+
+    def _reduce_norms(self, values):
+        """[||g||_inf, ||g||_2^2, ||g||_1] of the whole gradient from this rank's (a subclass reduces)."""
+        return values
 
     def _quasi_newton(self, radius: float, g_norm: float, g_2sq: float):
         """The quasi-Newton step, or the Cauchy point of the same model when it is not good enough.
@@ -202,13 +233,17 @@ class TrustRegionCore:
             self.counters.memory_resets += 1
         return cauchy, t * g_norm
 
-    def _project(self, box: float) -> float:
-        """Clip u + s to the box |u_i| <= box, make s the step actually taken, return its decrease."""
+    def _clip(self, box: float) -> torch.Tensor:
+        """Clip u + s to the box |u_i| <= box: s becomes the step actually taken; returns s."""
         u, s = self.offset, self.step
-        s.add_(u).clamp_(-box, box).sub_(u)
+        return s.add_(u).clamp_(-box, box).sub_(u)
+
+    def _project(self, box: float) -> float:
+        """:meth:`_clip`, and the decrease of the clipped step (quasi-Newton model)."""
+        self._clip(box)
         if self.qn is not None and len(self.qn):
-            return self.qn.model_decrease(self.grad, s)
-        return -float(self.grad.dot(s))
+            return self.qn.model_decrease(self.grad, self.step)
+        return -float(self.grad.dot(self.step))
 
     def ratio_decision(self, actual: float, pred: float, finite: bool):
         """The classical rule: (accept iff finite and rho >= eta1, rho, the updated radius).
@@ -252,19 +287,20 @@ class TrustRegionCore:
         agree = agree or (lambda values: values)
         for it in range(iters):
             radius = self.radius if box is None else min(self.radius, box)
-            pred, step_norm = self._propose(radius, gtol)
-            if box is not None and pred > 0:
-                pred = self._project(box)
+            pred, step_norm = self._propose(radius, gtol, box)
             pred, stop = agree([pred, float(not pred > 0)])
             if stop:
                 break  # stationary (or a full box): nothing to try
             need_grad = not loss_only or self.qn is not None or it < iters - 1
             self.subdomain.gather(self.saved)
             self.subdomain.add_(self.step)
-            trial = torch.as_tensor(self.counted_evaluation(evaluate, self.trial_grad if need_grad else None),
-                                    dtype=self.step.dtype, device=self.step.device).reshape(())
-            g_max = torch.linalg.vector_norm(self.trial_grad, math.inf) if need_grad else torch.zeros_like(trial)
-            trial, g_max = torch.stack([trial, g_max]).tolist()
+            trial = self.counted_evaluation(evaluate, self.trial_grad if need_grad else None)
+            if need_grad or isinstance(trial, torch.Tensor):  # one transfer for both
+                trial = torch.as_tensor(trial, dtype=self.step.dtype, device=self.step.device).reshape(())
+                g_max = torch.linalg.vector_norm(self.trial_grad, math.inf) if need_grad else torch.zeros_like(trial)
+                trial, g_max = torch.stack([trial, g_max]).tolist()
+            else:  # a host float (loss only): rounded to the parameters' dtype on the host, as above
+                trial, g_max = torch.tensor(trial, dtype=self.step.dtype).item(), 0.0
             trial, finite = agree([trial, float(math.isfinite(trial) and math.isfinite(g_max))])
             finite = bool(finite)
             self.counters.nonfinite += not finite

@@ -285,3 +285,32 @@ def test_rho_compares_one_function_with_batch_norm():
         assert opt.report.loss == pytest.approx(f(before), rel=1e-12)
         assert opt.report.trial_loss == pytest.approx(f(model), rel=1e-12)
         assert opt.report.rho == pytest.approx((f(before) - f(model)) / opt.report.pred, rel=1e-9)
+
+
+def test_bf16_autocast_differs_from_float32_by_rounding_only():
+    """autocast="bf16": the local phases' forward passes run in bfloat16 (seen by a hook); over two
+    iterations (before a local accept/reject decision can flip on a rounding difference) the
+    iterates stay within a few bfloat16 units (2^-8) of the float32 run's relative to the distance
+    travelled, with the same decisions; losses stay Python floats of the float32 evaluation."""
+    runs = {}
+    for mode in ("none", "bf16"):
+        model, x, y = problem(dtype=torch.float32)
+        seen = set()
+        model[0].register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        theta0 = flat(model)
+        opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=3, radius=0.05, autocast=mode)
+        iterates, accepts, losses = [], [], []
+        for _ in range(2):
+            losses.append(opt.step(x, y))
+            accepts.append(opt.report.accepted)
+            iterates.append(flat(model))
+        runs[mode] = (iterates, theta0, accepts, losses, seen)
+    t32, theta0, acc32, loss32, seen32 = runs["none"]
+    tbf, _, accbf, lossbf, seenbf = runs["bf16"]
+    assert seen32 == {torch.float32} and seenbf == {torch.float32, torch.bfloat16}
+    assert accbf == acc32 and all(acc32)
+    for a, b in zip(t32, tbf):
+        diff, travelled = float((b - a).norm()), float((a - theta0).norm())
+        assert 0 < diff <= 2 ** -5 * travelled
+    assert all(isinstance(v, float) for v in lossbf)
+    assert max(abs(a - b) for a, b in zip(loss32, lossbf)) <= 2 ** -8 * max(loss32)

@@ -67,3 +67,20 @@ def test_nonfinite_trials_are_counted_and_reported(tmp_path, monkeypatch):
     table = report_table([tmp_path / "run"])
     assert "non-finite" in table.splitlines()[0]
     assert table.splitlines()[2].split()[-1] == str(int(epochs["nonfinite"][-1]))
+
+
+def test_cost_decomposition_from_the_config_counts_flops_on_training_inputs(monkeypatch):
+    """optimizer.decomposition=cost: the experiment hands two training inputs to APTS, whose split
+    is then the one decompose computes with that example."""
+    import torch
+    from apts_mpi import decomposition
+    seen = []
+    real = decomposition._unit_flops
+    monkeypatch.setattr(decomposition, "_unit_flops",
+                        lambda model, params, units, example=None: seen.append(example) or
+                        real(model, params, units, example))
+    c = cfg(**{"optimizer.decomposition": "cost", "optimizer.subdomains": 2})
+    ex = Experiment(c, MPI.COMM_SELF).build()
+    assert len(seen) == 1 and torch.equal(seen[0], ex.problem.batch(torch.arange(2))[0])
+    expected = decomposition.decompose(ex.model, 2, "cost", example=seen[0])
+    assert [sd.pieces for sd in ex.optimizer.subdomains] == [sd.pieces for sd in expected]

@@ -446,3 +446,26 @@ def test_trust_region_passes_agree_to_the_engine():
     assert "agree" not in opt.param_groups[0]
     opt.step(quadratic_closure(x, torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
     assert len(agree.calls) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_boxed_first_order_step_equals_the_host_formula_bitwise(dtype, norm):
+    """The step formed on the device (factor -r/||g|| in float64, rounded to the dtype) and its
+    decrease read in the same transfer as the norms: bitwise the step formed from host floats,
+    clipped to the box, and -g^T s of that step."""
+    from apts_mpi.decomposition import Subdomain
+    from apts_mpi.trust_region import TrustRegionConfig, TrustRegionCore
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, generator=g, dtype=dtype)
+    core = TrustRegionCore(Subdomain.whole([x]), TrustRegionConfig(norm=norm))
+    core.grad.copy_(torch.randn(50, generator=g, dtype=dtype))
+    core.offset = torch.randn(50, generator=g, dtype=dtype) * 0.01
+    r, box = 0.013, 0.015
+    pred, _ = core._propose(r, box=box)
+    grad = core.grad
+    g_norm = float(grad.abs().max()) if norm == "inf" else math.sqrt(float(grad.dot(grad)))
+    s = torch.mul(grad, -r / g_norm)
+    s = (s + core.offset).clamp(-box, box) - core.offset
+    assert torch.equal(core.step, s)
+    assert pred == -float(grad.dot(s))

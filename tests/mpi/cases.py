@@ -75,6 +75,7 @@ def cases(world):
         for dec in ("balanced", "random-tensors", "flat"):
             for acc in ("ratio", "none", "nonmonotone"):
                 out[f"N{n}-{dec}-{acc}"] = (n, dict(decomposition=dec, acceptance=acc))
+        out[f"N{n}-cost"] = (n, dict(decomposition="cost"))
         out[f"N{n}-lbfgs-local"] = (n, dict(local_model="lbfgs", global_model="lsr1"))
         out[f"N{n}-foc-half"] = (n, dict(foc=True, local_fraction=0.5, global_iters=2))
         # batch norm with micro-batches that cut across the ranks' shares: every evaluation of an

@@ -1,0 +1,408 @@
+"""APTS on one GPU: seconds per iteration with each option, the cost split, MNIST time to 97%.
+
+    scripts/gpu_bench [--data ROOT] [--out DIR]                    (one GPU, under 5 minutes)
+    python -m apts_mpi.gpu_bench --device cpu --quick --out DIR    (smoke test: tiny sizes, seconds)
+
+Rows (each timed between device synchronisations, median over the timed iterations):
+
+* MNIST network 784-512-256-10, 10,000-image minibatch, APTS serial emulation N = 2 with the
+  paper's run's keywords (configs/mnist-apts-n2.yaml), and Adam (lr 2.5e-3) on the same batch;
+* ResNet-18 on a synthetic CIFAR-shaped minibatch of 10,000 images, micro-batch 1000, APTS serial
+  N = 4 (configs/cifar10-resnet18-apts-n4.yaml), and Adam with the same micro-batches;
+* each APTS row once per option: ``default``, ``autocast=bf16``, ``decomposition=cost`` and both;
+  the peak device memory of the row (``torch.cuda.max_memory_allocated``; on the CPU the process's
+  peak resident set, which never goes down); the predicted cost share of each subdomain
+  (:func:`apts_mpi.decomposition.evaluation_costs`) beside its measured local-phase seconds;
+* the MNIST rows on 2 MPI ranks sharing the device (``balanced`` and ``cost``), where ``mpiexec``
+  is found (``MPIEXEC`` to choose it), launched as ``mpiexec -n 2 python -m mpi4py``;
+* MNIST time to 97% test accuracy for APTS (N = 2 serial) and Adam: real MNIST from ``--data``
+  (or ``APTS_DATA``), minibatches of 10,000 drawn without overlap from a seeded permutation per
+  epoch; training seconds only (the test evaluation after each epoch is not counted).
+
+Prints the table and writes ``DIR/gpu_bench.json``.  ``--quick`` shrinks every size (random data, the
+LeNet-5 CNN in place of ResNet-18) so that the whole script runs in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .apts import APTS
+from .decomposition import evaluation_costs
+from .models import build_model
+
+MNIST_APTS = dict(acceptance="none", global_iters=1, local_iters=5, local_fraction=0.5)
+RESNET_APTS = dict(acceptance="none", global_iters=1)
+OPTIONS = {"default": {}, "bf16": dict(autocast="bf16"), "cost": dict(decomposition="cost"),
+           "bf16+cost": dict(autocast="bf16", decomposition="cost")}
+ADAM_LR = 2.5e-3
+TARGET = 0.97
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        # a CPU smoke test: ResNet-18 (11M parameters, slow bfloat16 convolutions on most CPUs)
+        # replaced by the small LeNet-5 CNN
+        return dict(mnist_batch=64, conv="cifar-lenet5", resnet_batch=8, resnet_micro=4, warmup=0,
+                    mnist_iters=1, resnet_iters=1, tta_train=128, tta_test=64, tta_batch=64,
+                    tta_epochs=1)
+    return dict(mnist_batch=10000, conv="resnet18", resnet_batch=10000, resnet_micro=1000, warmup=1,
+                mnist_iters=10, resnet_iters=2, tta_train=None, tta_test=None, tta_batch=10000,
+                tta_epochs=40)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _random_batch(n, shape, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _model(name, shape, device):
+    torch.manual_seed(0)
+    if name == "deep-mlp":  # uniform layers: where the cost split departs from the parameter count
+        layers = [torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU()]
+        for _ in range(7):
+            layers += [torch.nn.Linear(512, 512), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(512, 10)).to(device)
+    return build_model(name, shape, 10).to(device)
+
+
+def _timed_local_phases(opt, device):
+    """Wrap ``opt._local_phase`` so that each subdomain's local seconds (between device
+    synchronisations) are recorded in the returned dict d -> list of seconds."""
+    seconds, phase = {}, opt._local_phase
+
+    def timed(d, core, batch, theta):
+        _sync(device)
+        t = time.perf_counter()
+        out = phase(d, core, batch, theta)
+        _sync(device)
+        seconds.setdefault(d, []).append(time.perf_counter() - t)
+        return out
+    opt._local_phase = timed
+    return seconds
+
+
+def apts_row(network, option, batch, device, s, comm=None, subdomains=None):
+    """Median seconds per APTS iteration, peak memory, predicted and measured split."""
+    x, y = batch
+    shape = tuple(x.shape[1:])
+    model = _model(network, shape, device)
+    fully_connected = network in ("mnist-fc", "deep-mlp")
+    keywords = dict(MNIST_APTS if fully_connected else RESNET_APTS, **OPTIONS[option])
+    if not fully_connected:
+        keywords["micro_batch"] = s["resnet_micro"]
+    example = x[:2]
+    _reset_peak(device)
+    opt = APTS(model, F.cross_entropy, comm, subdomains=subdomains, example=example, **keywords)
+    local = _timed_local_phases(opt, device)
+    iters = s["mnist_iters"] if fully_connected else s["resnet_iters"]
+    times = []
+    for k in range(s["warmup"] + iters):
+        if comm is not None:
+            comm.Barrier()
+        _sync(device)
+        t = time.perf_counter()
+        opt.step(x, y)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    for d in local:
+        local[d] = statistics.median(local[d][s["warmup"]:])
+    prefix = opt.objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
+    predicted = evaluation_costs(model, opt.subdomains, example, prefix_cached=prefix)
+    return dict(network=network, option=option, ranks=1 if comm is None else comm.Get_size(),
+                subdomains=opt.n_subdomains, seconds=statistics.median(times[s["warmup"]:]),
+                peak_mb=_peak_mb(device), predicted=[c / sum(predicted) for c in predicted],
+                parameters=[sd.numel for sd in opt.subdomains],
+                local_seconds={str(d): v for d, v in sorted(local.items())})
+
+
+def adam_row(network, batch, device, s, micro=None):
+    x, y = batch
+    model = _model(network, tuple(x.shape[1:]), device)
+    opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
+    _reset_peak(device)
+    times = []
+    for k in range(s["warmup"] + max(s["mnist_iters"], 1 if s["warmup"] == 0 else 3)):
+        _sync(device)
+        t = time.perf_counter()
+        _adam_step(model, opt, x, y, micro)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return dict(network=network, option="adam", ranks=1, subdomains=None,
+                seconds=statistics.median(times[s["warmup"]:]), peak_mb=_peak_mb(device))
+
+
+def _adam_step(model, opt, x, y, micro=None):
+    opt.zero_grad()
+    step = micro or len(y)
+    for a in range(0, len(y), step):  # the mean over the batch, accumulated over micro-batches
+        (F.cross_entropy(model(x[a:a + step]), y[a:a + step]) * (len(y[a:a + step]) / len(y))).backward()
+    opt.step()
+
+
+def _accuracy(model, x, y, chunk=10000):
+    with torch.no_grad():
+        hits = sum(int((model(x[a:a + chunk]).argmax(1) == y[a:a + chunk]).sum())
+                   for a in range(0, len(y), chunk))
+    return hits / len(y)
+
+
+def time_to_accuracy(method, data, device, s):
+    """Training seconds and epochs until the test accuracy first reaches TARGET (None if not)."""
+    train_x, train_y, test_x, test_y = data
+    model = _model("mnist-fc", (1, 28, 28), device)
+    if method == "apts":
+        opt = APTS(model, F.cross_entropy, subdomains=2, **MNIST_APTS)
+        step = opt.step
+    else:
+        adam = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
+
+        def step(x, y):
+            _adam_step(model, adam, x, y)
+    g = torch.Generator().manual_seed(0)
+    seconds, best, b = 0.0, 0.0, s["tta_batch"]
+    for epoch in range(1, s["tta_epochs"] + 1):
+        order = torch.randperm(len(train_y), generator=g).to(device)
+        _sync(device)
+        t = time.perf_counter()
+        for a in range(0, len(order) - b + 1, b):
+            idx = order[a:a + b]
+            step(train_x[idx], train_y[idx])
+        _sync(device)
+        seconds += time.perf_counter() - t
+        acc = _accuracy(model, test_x, test_y)
+        best = max(best, acc)
+        if acc >= TARGET:
+            return dict(method=method, epoch=epoch, seconds=seconds, best=best)
+    return dict(method=method, epoch=None, seconds=None, best=best, epochs=s["tta_epochs"])
+
+
+def mnist_data(root, device, s):
+    """(train_x, train_y, test_x, test_y) of MNIST on ``device``; random data of MNIST's shape with
+    ``--quick``.  Raises DataError without MNIST under ``root`` (a full run needs it)."""
+    if s["tta_train"] is not None:
+        x, y = _random_batch(s["tta_train"], (1, 28, 28), device, seed=1)
+        tx, ty = _random_batch(s["tta_test"], (1, 28, 28), device, seed=2)
+        return x, y, tx, ty, "random"
+    from .data import load_dataset
+    d = load_dataset("mnist", root)
+    return (d.train_x.to(device), d.train_y.to(device), d.test_x.to(device), d.test_y.to(device),
+            "mnist")
+
+
+def split_sizes(quick: bool) -> dict:
+    return dict(mnist_batch=64 if quick else 10000, deep_batch=64 if quick else 2000,
+                warmup=0 if quick else 1, mnist_iters=1 if quick else 3)
+
+
+def split_benchmark(args):
+    """Predicted against measured local seconds, ``balanced`` against ``cost``: the MNIST network
+    (10,000 images) and a deep uniform MLP 784-512x8-10 (2,000 images), serial N = 2 and 4, and 2
+    MPI ranks (where mpiexec is found); writes ``DIR/gpu_bench_split.json``."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_bench: torch finds no CUDA device on this machine (--device cpu to run here)")
+    s, device, rows = split_sizes(args.quick), torch.device(args.device), []
+    os.makedirs(args.out, exist_ok=True)
+    for network in ("mnist-fc", "deep-mlp"):
+        batch = _random_batch(s["mnist_batch"] if network == "mnist-fc" else s["deep_batch"],
+                              (1, 28, 28), device)
+        for n in (2, 4):
+            for option in ("default", "cost"):
+                rows.append(apts_row(network, option, batch, device, s, subdomains=n))
+    if not args.no_mpi:
+        rows += mpi_rows(args)
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, data="random", quick=args.quick, sizes=s, rows=rows, tta=[])
+    print(table(result))
+    path = os.path.join(args.out, "gpu_bench_split.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# -- two MPI ranks ----------------------------------------------------------------------------------
+def worker(args):
+    """Under ``mpiexec -n 2``: the MNIST rows on two ranks; rank 0 writes them to ``args.worker``."""
+    from mpi4py import MPI
+    from .comm import select_device
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != 2:  # mpiexec of one MPI library, mpi4py bound to another: singletons
+        sys.exit(f"gpu_bench: this rank sees a world of {comm.Get_size()}, not 2: mpiexec and "
+                 f"mpi4py's MPI library ({MPI.Get_library_version().splitlines()[0]}) differ; "
+                 "point MPI4PY_LIBMPI at the library of this mpiexec")
+    device = select_device(comm, args.device)
+    s = split_sizes(args.quick) if args.split else sizes(args.quick)
+    rows = []
+    for network in ("mnist-fc", "deep-mlp") if args.split else ("mnist-fc",):
+        batch = _random_batch(s["mnist_batch"] if network == "mnist-fc" else s["deep_batch"],
+                              (1, 28, 28), device)
+        for option in ("default", "cost"):
+            row = apts_row(network, option, batch, device, s, comm=comm)
+            every = comm.gather(row["local_seconds"], root=0)
+            row["local_seconds"] = {str(d): v for r in (every or []) for d, v in r.items()}
+            rows.append(row)
+    if comm.Get_rank() == 0:
+        with open(args.worker, "w") as f:
+            json.dump(rows, f)
+
+
+def mpi_rows(args):
+    mpiexec = os.environ.get("MPIEXEC") or shutil.which("mpiexec")
+    if mpiexec is None:
+        return [dict(network="mnist-fc", option="2 ranks", error="no mpiexec found")]
+    path = os.path.join(args.out, "mpi-rows.json")
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "apts_mpi.gpu_bench",
+           "--device", args.device, "--worker", path] + (["--quick"] if args.quick else []) \
+        + (["--split"] if args.split else [])
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        return [dict(network="mnist-fc", option="2 ranks", error="timed out after 240 s")]
+    if proc.returncode != 0 or not os.path.exists(path):
+        return [dict(network="mnist-fc", option="2 ranks", error=proc.stderr.strip()[-400:])]
+    with open(path) as f:
+        rows = json.load(f)
+    os.remove(path)
+    return rows
+
+
+# -- the table --------------------------------------------------------------------------------------
+def _split(row) -> str:
+    """Predicted cost share against measured local-seconds share, per subdomain."""
+    measured = [row["local_seconds"][k] for k in sorted(row["local_seconds"], key=int)]
+    total = sum(measured) or 1.0
+    return " ".join(f"{100 * p:.0f}/{100 * m / total:.0f}" for p, m in zip(row["predicted"], measured))
+
+
+def table(result) -> str:
+    from .results import format_table
+    cells = []
+    for r in result["rows"]:
+        if "error" in r:
+            cells.append([r["network"], r["option"], "-", "-", "-", "-", "-", "FAILED: " + r["error"]])
+            continue
+        apts = r["option"] != "adam"
+        label = "Adam" if not apts else f"APTS {r['option']}"
+        where = "1" if r["ranks"] == 1 else f"{r['ranks']} ranks"
+        cells.append([r["network"], label, where, str(r["subdomains"] or "-"),
+                      f"{r['seconds'] * 1e3:.1f}", f"{r['peak_mb']:.0f}",
+                      f"{max(r['local_seconds'].values()) * 1e3:.1f}" if apts else "-",
+                      _split(r) if apts else ""])
+    lines = [f"device: {result['device']}, torch {result['torch']}, data: {result['data']}",
+             format_table(["network", "method", "ranks", "N", "ms/iter", "peak MB",
+                           "critical local ms", "split % predicted/measured"], cells,
+                          style="markdown"), ""]
+    for r in result["tta"]:
+        if "error" in r:
+            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: FAILED: {r['error']}")
+        elif r["epoch"] is None:
+            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: not reached in "
+                         f"{r['epochs']} epochs (best {100 * r['best']:.2f}%)")
+        else:
+            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: {r['seconds']:.2f} s "
+                         f"(epoch {r['epoch']}, best {100 * r['best']:.2f}%)")
+    lines += _targets(result)
+    return "\n".join(lines)
+
+
+def _targets(result) -> list[str]:
+    """The issue's targets (GPU): MNIST APTS iteration <= 10 ms, time to 97% <= 2x Adam's,
+    ResNet-18 APTS iteration (serial N = 4) <= 3.5 s; the best option of each row."""
+    out = []
+    single = [r for r in result["rows"] if "error" not in r and r["ranks"] == 1 and r["option"] != "adam"]
+    for network, limit in (("mnist-fc", 0.010), ("resnet18", 3.5)):
+        rows = [r for r in single if r["network"] == network]
+        if rows:
+            best = min(rows, key=lambda r: r["seconds"])
+            out.append(f"- target {network} APTS iteration <= {limit:g} s: best {best['seconds']:.4f} s "
+                       f"({best['option']}): {'met' if best['seconds'] <= limit else 'not met'}")
+    tta = {r["method"]: r for r in result["tta"] if r.get("seconds") is not None}
+    if "apts" in tta and "adam" in tta:
+        ratio = tta["apts"]["seconds"] / tta["adam"]["seconds"]
+        out.append(f"- target MNIST time to {100 * TARGET:.0f}% <= 2x Adam's: {ratio:.2f}x: "
+                   f"{'met' if ratio <= 2 else 'not met'}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m apts_mpi.gpu_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p.add_argument("--data", default=os.environ.get("APTS_DATA"), help="MNIST under DATA/MNIST/raw")
+    p.add_argument("--out", default="runs/gpu_bench")
+    p.add_argument("--no-mpi", action="store_true", help="leave out the 2-rank rows")
+    p.add_argument("--split", action="store_true",
+                   help="only the cost split: MNIST network and a deep uniform MLP, balanced against "
+                        "cost, serial N = 2 and 4 and 2 MPI ranks")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.split:
+        return split_benchmark(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_bench: torch finds no CUDA device on this machine (--device cpu to run here)")
+    from .data import DataError
+    s = sizes(args.quick)
+    device = torch.device(args.device)
+    try:
+        mnist = mnist_data(args.data, device, s)
+    except DataError as e:
+        sys.exit(f"gpu_bench: the time-to-accuracy rows need MNIST: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    batch = _random_batch(s["mnist_batch"], (1, 28, 28), device)
+    for option in OPTIONS:
+        rows.append(apts_row("mnist-fc", option, batch, device, s, subdomains=2))
+    rows.append(adam_row("mnist-fc", batch, device, s))
+    batch = _random_batch(s["resnet_batch"], (3, 32, 32), device)
+    for option in OPTIONS if not args.quick else ("default", "bf16+cost"):
+        rows.append(apts_row(s["conv"], option, batch, device, s, subdomains=4))
+    rows.append(adam_row(s["conv"], batch, device, s, micro=s["resnet_micro"]))
+    del batch
+    if not args.no_mpi:
+        rows += mpi_rows(args)
+    tta = [time_to_accuracy(method, mnist[:4], device, s) for method in ("apts", "adam")]
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, data=mnist[4], quick=args.quick, sizes=s, rows=rows,
+                  tta=tta)
+    print(table(result))
+    path = os.path.join(args.out, "gpu_bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
