@@ -51,6 +51,15 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   split the minibatch in their local phase and sum loss and gradient within their communicator.
 * Serial emulation: on one rank with ``subdomains=N`` the N local phases run one after another;
   the result equals the N-rank run up to the rounding of the shared evaluations.
+* Stochastic local phases (``local_batch``): a local phase evaluates whole pieces of the
+  iteration's cuts (its shard, or ceil(q * pieces) drawn by a generator seeded with (seed,
+  iteration, subdomain)), so the serial emulation draws what the N-rank run does and a resume is
+  bitwise.  The iteration then starts with a shared evaluation of f(theta_k) and its gradient: the
+  reference of rho, the FOC term's gradient and the global pass's gradient after a rejection.
+* Data space (``space="data"``, APTS_D): subdomain d is share d of the minibatch and its local
+  phase works on all of theta with the FOC term (always on); s = sum_d (|B_d|/|B|) u_d, summed
+  with one Allreduce, then rank 0's bits broadcast; pred = -grad f(theta_k)^T s, the first-order
+  model's decrease for the averaged step (docs/method.md section 6).
 """
 from __future__ import annotations
 
@@ -116,7 +125,9 @@ class APTS(Optimizer):
     ``step``, ``memory``; ``subdomains`` (default: world size / replicas), ``decomposition``,
     ``local_iters``, ``local_fraction``, ``local_model``, ``acceptance``, ``window``,
     ``global_iters`` (0: no global pass), ``global_model``, ``foc``, ``replicas``,
-    ``micro_batch``; and ``seed`` (for the ``random-tensors`` decomposition).  ``report`` holds the
+    ``micro_batch``, ``local_batch`` (1, a fraction of the minibatch's pieces, or ``"shard"``),
+    ``space`` (``"parameters"`` or ``"data"``); and ``seed`` (for the ``random-tensors``
+    decomposition and the pieces a stochastic local phase draws).  ``report`` holds the
     :class:`IterationReport` of the last iteration, ``record()`` its row of the per-iteration series.
 
     Raises InputError (a ValueError) for a bad keyword or a world size that does not match
