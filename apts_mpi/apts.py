@@ -59,6 +59,15 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   compares two evaluations of the same precision; the decreases delta_d (pred) and, after a
   rejection, the gradient handed to the global pass come from the local phases' autocast
   evaluations.  The iterates differ from the default's by bfloat16 rounding only.
+* Stochastic local phases (``local_batch``): a local phase evaluates whole pieces of the
+  iteration's cuts (its shard, or ceil(q * pieces) drawn by a generator seeded with (seed,
+  iteration, subdomain)), so the serial emulation draws what the N-rank run does and a resume is
+  bitwise.  The iteration then starts with a shared evaluation of f(theta_k) and its gradient: the
+  reference of rho, the FOC term's gradient and the global pass's gradient after a rejection.
+* Data space (``space="data"``, APTS_D): subdomain d is share d of the minibatch and its local
+  phase works on all of theta with the FOC term (always on); s = sum_d (|B_d|/|B|) u_d, summed
+  with one Allreduce, then rank 0's bits broadcast; pred = -grad f(theta_k)^T s, the first-order
+  model's decrease for the averaged step (docs/method.md section 6).
 """
 from __future__ import annotations
 
@@ -67,6 +76,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import options
@@ -123,11 +133,12 @@ class APTS(Optimizer):
     ``step``, ``memory``; ``subdomains`` (default: world size / replicas), ``decomposition``,
     ``local_iters``, ``local_fraction``, ``local_model``, ``acceptance``, ``window``,
     ``global_iters`` (0: no global pass), ``global_model``, ``foc``, ``replicas``,
-    ``micro_batch``, ``autocast``, ``model_parallel`` (True: a
+    ``micro_batch``, ``autocast``, ``local_batch`` (1, a fraction of the minibatch's pieces, or
+    ``"shard"``), ``space`` (``"parameters"`` or ``"data"``), ``model_parallel`` (True: a
     :class:`~apts_mpi.model_parallel.ModelParallelAPTS`, rank d holding block d only); ``seed``
-    (for the ``random-tensors`` decomposition) and ``example`` (a model input of a few samples, for
-    the ``cost`` decomposition's FLOP count; without it the cost is estimated from the parameter
-    shapes).  ``report`` holds the
+    (for the ``random-tensors`` decomposition and the pieces a stochastic local phase draws) and
+    ``example`` (a model input of a few samples, for the ``cost`` decomposition's FLOP count;
+    without it the cost is estimated from the parameter shapes).  ``report`` holds the
     :class:`IterationReport` of the last iteration, ``record()`` its row of the per-iteration series.
 
     Raises InputError (a ValueError) for a bad keyword or a world size that does not match
@@ -159,6 +170,10 @@ class APTS(Optimizer):
         self.local_fraction, self.acceptance, self.foc = o["local_fraction"], o["acceptance"], o["foc"]
         self.micro_batch = o["micro_batch"]
         self.autocast = torch.bfloat16 if o["autocast"] == "bf16" else None
+        self.local_batch, self.data_space, self.seed = o["local_batch"], o["space"] == "data", seed
+        # stochastic local phases and the data space evaluate f(theta_k) and its gradient on the
+        # whole minibatch first (a shared evaluation): no local phase sees all of it
+        self.exact_start = self.data_space or self.local_batch != 1
         local_model, global_model, decomposition = o["local_model"], o["global_model"], o["decomposition"]
 
         base = {k: o[k] for k in options.options("trust-region") if k != "model"}
@@ -169,13 +184,16 @@ class APTS(Optimizer):
         # a cached prefix (below) makes the local phases of later subdomains cheaper: the cost split
         # knows it.  The same value as _frozen_prefix's test (cache_prefix is on at construction).
         prefix_cached = self.objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
-        parts = decompose(model, self.n_subdomains, decomposition, seed, example=example,
-                          prefix_cached=prefix_cached)
+        parts = decompose(model, 1 if self.data_space else self.n_subdomains, decomposition, seed,
+                          example=example, prefix_cached=prefix_cached)
         self.subdomains = parts
         params = parts[0].params
+        if self.data_space:  # every shard's local phase works on all parameters
+            parts = parts * self.n_subdomains
         # the global flat layout is the subdomains' pieces in subdomain order: subdomain d occupies
         # the contiguous slice [offset_d, offset_d + numel_d) of every n-vector.
-        self.whole = Subdomain(params, [p for sd in parts for p in sd.pieces])
+        self.whole = parts[0] if self.data_space else \
+            Subdomain(params, [p for sd in parts for p in sd.pieces])
         sizes = [sd.numel for sd in parts]
         self.offsets = [sum(sizes[:d]) for d in range(len(parts) + 1)]
         rank = self.comm.rank
@@ -195,7 +213,7 @@ class APTS(Optimizer):
 
         # Allgatherv layout: the replicas of subdomain d each send one contiguous chunk of its slice.
         self.counts, self.displs = [], []
-        for d in range(len(parts)) if world > 1 else []:
+        for d in range(len(parts)) if world > 1 and not self.data_space else []:
             a, b = self.offsets[d], self.offsets[d + 1]
             cuts = [a + (b - a) * j // self.replicas for j in range(self.replicas + 1)]
             self.counts += [cuts[j + 1] - cuts[j] for j in range(self.replicas)]
@@ -209,8 +227,10 @@ class APTS(Optimizer):
         self.trial_grad = torch.empty(n, **kw) if self.global_iters else None
         self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
         self.reduce_buffer = torch.empty(n + 1, **kw)  # [gradient | loss] of a shared evaluation
-        self.foc_term = torch.zeros(n, **kw) if self.foc else None
-        self.foc_work = torch.empty(n, **kw) if self.foc else None
+        foc = self.foc or self.data_space
+        self.foc_term = torch.zeros(n, **kw) if foc else None
+        self.foc_work = torch.empty(n, **kw) if foc else None
+        self.global_grad = torch.empty(n, **kw) if self.exact_start else None  # grad f(theta_k)
         self.sync_buffers = BufferSync(model, self.comm)  # batch-norm statistics
         self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
         self.report = IterationReport()
@@ -224,6 +244,30 @@ class APTS(Optimizer):
         """The micro-batches of ``shares`` (indices among the ``n_shares`` shares of ``batch``)."""
         return [piece for p in shares
                 for piece in chunks(share(batch, p, self.n_shares), self.micro_batch)]
+
+    def _local_pieces(self, batch, d) -> tuple[list, int]:
+        """The pieces this rank evaluates in subdomain d's local phase, and the number of samples of
+        that phase's part of the minibatch (over its replicas).
+
+        All of the minibatch (``local_batch`` 1; replica j takes its block of shares); its shard
+        (``local_batch: shard`` or ``space: data``: the shares d*r .. d*r+r-1 of the P, replica j
+        share d*r+j); or a fraction q: ceil(q * pieces) of the iteration's pieces (at least one per
+        replica), drawn without replacement by a generator seeded with (seed, iteration, d), each
+        replica a contiguous block of the drawn pieces in their order.
+        """
+        r, j = self.group.size, self.group.rank
+        if self.local_batch == 1 and not self.data_space:
+            per_replica = self.n_shares // r  # this replica's shares of the P
+            return self._pieces(batch, range(j * per_replica, (j + 1) * per_replica)), batch_size(batch)
+        if self.data_space or self.local_batch == "shard":
+            mine = range(d * r, (d + 1) * r)
+            return self._pieces(batch, [d * r + j]), sum(batch_size(share(batch, p, self.n_shares))
+                                                         for p in mine)
+        every = self._pieces(batch, range(self.n_shares))
+        k = min(max(math.ceil(self.local_batch * len(every)), r), len(every))
+        rng = np.random.default_rng([self.seed, self.iteration, d])
+        drawn = [every[i] for i in sorted(rng.choice(len(every), size=k, replace=False).tolist())]
+        return drawn[j * k // r:(j + 1) * k // r], sum(batch_size(piece) for piece in drawn)
 
     def _world_pieces(self, batch) -> list:
         """The pieces this rank evaluates in a shared evaluation over the world (all in serial)."""
@@ -295,16 +339,14 @@ class APTS(Optimizer):
     def _local_phase(self, d, core, batch, theta):
         """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
         sub = core.subdomain
-        a, b = self.offsets[d], self.offsets[d + 1]
+        a, b = (0, sub.numel) if self.data_space else (self.offsets[d], self.offsets[d + 1])
         mine = {id(sub.params[q.index]) for q in sub.pieces}
         frozen = [p for p in self.whole.params if id(p) not in mine] if self.freeze_others else []
         for p in frozen:
             p.requires_grad_(False)  # no weight gradients for frozen tensors
         try:
-            B, k = batch_size(batch), self._frozen_prefix(mine) if self.cache_prefix else 0
-            per_replica = self.n_shares // self.group.size  # this replica's shares of the P
-            j = self.group.rank
-            pieces = self._pieces(batch, range(j * per_replica, (j + 1) * per_replica))
+            k = self._frozen_prefix(mine) if self.cache_prefix else 0
+            pieces, B = self._local_pieces(batch, d)
             net = self.model[k:] if k else self.model
             if k:  # under no_grad (step): constant for this phase; piece by piece, as without it
                 pieces = [(self.model[:k](piece[0]), *piece[1:]) for piece in pieces]
@@ -325,16 +367,23 @@ class APTS(Optimizer):
             if self.local_agree is not None:  # the replicas start from their rank 0's f_d(0)
                 loss0 = self.local_agree([loss0])[0]
             core.count_evaluation(loss=1, grad=1)
-            if self.foc:
+            foc = self.foc or self.data_space
+            if foc and self.exact_start:  # grad f_d(0) + FOC term = R_d grad f(theta_k), exactly
+                torch.sub(self.global_grad[a:b], grad0, out=self.foc_term[a:b])
+                core.set_gradient(self.global_grad[a:b])
+            elif foc:
                 self.foc_term[a:b].sub_(grad0)
                 core.set_gradient(torch.add(grad0, self.foc_term[a:b], out=self.foc_work[:b - a]))
             else:
                 core.set_gradient(grad0)
             core.set_radius(self.local_fraction * self.radius)
-            loss = core.run(with_foc if self.foc else f_d, self.local_iters, loss=loss0,
+            loss = core.run(with_foc if foc else f_d, self.local_iters, loss=loss0,
                             box=self.local_fraction * self.radius, agree=self.local_agree,
                             loss_only=True)  # the last trial's gradient is never used
-            self.correction[a:b].copy_(core.offset)
+            if self.data_space:  # s = sum_d w_d u_d, w_d = |B_d| / |B|
+                self.correction.add_(core.offset, alpha=B / batch_size(batch))
+            else:
+                self.correction[a:b].copy_(core.offset)
             sub.scatter(theta[a:b])  # back to theta_k: every rank applies the same theta_k + s
         finally:
             for p in frozen:
@@ -362,9 +411,14 @@ class APTS(Optimizer):
         ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
         B, pieces = batch_size(batch), self._world_pieces(batch)  # this rank's shared evaluations
 
-        if self.foc:  # grad f(theta_k), a shared evaluation of the whole objective
+        if self.exact_start:  # f(theta_k) and its gradient, a shared evaluation
+            loss_k = float(self._shared_evaluate(pieces, B, comm, self.whole, self.global_grad))
+            glob.count_evaluation(loss=1, grad=1)
+        elif self.foc:  # grad f(theta_k), a shared evaluation of the whole objective
             self._shared_evaluate(pieces, B, comm, self.whole, self.foc_term)
             glob.count_evaluation(loss=1, grad=1)
+        if self.data_space:
+            self.correction.zero_()
 
         # 2. local phase
         t0 = time.perf_counter()
@@ -378,18 +432,26 @@ class APTS(Optimizer):
             if d == 0:
                 loss0 = f0  # the coordinator's f(theta_k)
             broken += not math.isfinite(f0)
+        if self.exact_start:  # f(theta_k) on the whole minibatch, not a local phase's part of it
+            loss0 = loss_k
+            broken += not math.isfinite(loss_k)
         r.local_loss_evals = sum(c.counters.loss_evals - before[d][0] for d, c in self.local.items())
         r.local_grad_evals = sum(c.counters.grad_evals - before[d][1] for d, c in self.local.items())
         t_local = time.perf_counter() - t0
         comm_local = in_collectives() - comm_s0
 
         # 3. additive combination
-        comm.allgatherv_(self.correction, self.counts, self.displs)
+        if self.data_space:  # s = sum of the ranks' w_d u_d; rank 0's bits on every rank
+            comm.bcast_(comm.allreduce_(self.correction))
+        else:
+            comm.allgatherv_(self.correction, self.counts, self.displs)
         # one scalar Allreduce: the decreases, the evaluation counts and the number of ranks
         # whose f_d(theta_k) is not finite (a data fault may hit one rank only)
         pred, local_loss_evals, local_grad_evals, broken = comm.sum_scalars(
             [delta, r.local_loss_evals, r.local_grad_evals, broken])
         r.local_loss_evals_total, r.local_grad_evals_total = int(local_loss_evals), int(local_grad_evals)
+        if self.data_space:  # the first-order model's decrease for s (the coordinator's is used)
+            pred = -float(self.global_grad.dot(self.correction))
         r.step_inf = float(torch.linalg.vector_norm(self.correction, math.inf))
 
         comm_combine = in_collectives() - comm_s0 - comm_local
@@ -401,7 +463,8 @@ class APTS(Optimizer):
             loss0 = trial = loss = rho = math.nan
             accept = False
         else:
-            if self.autocast is not None:  # f(theta_k) in the parameters' precision, as the trial's
+            if self.autocast is not None and not self.exact_start:  # f(theta_k) in the parameters'
+                # precision, as the trial's (an exact start evaluated it so already)
                 loss0 = float(self._shared_evaluate(pieces, B, comm, self.whole))
                 glob.count_evaluation(loss=1, grad=0)
             self.whole.add_(self.correction)
@@ -415,8 +478,8 @@ class APTS(Optimizer):
                 loss, gradient = trial, self.trial_grad
             else:
                 self.whole.scatter(theta)
-                loss, gradient = loss0, self.grad0
-                if need_grad:  # the gradient at theta_k, from the local phases' first evaluations
+                loss, gradient = loss0, self.global_grad if self.exact_start else self.grad0
+                if need_grad and not self.exact_start:  # from the local phases' first evaluations
                     comm.allgatherv_(self.grad0, self.counts, self.displs)
 
         # 5. global pass

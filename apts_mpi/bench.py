@@ -2,6 +2,7 @@
 parameters) and a 10,000-image minibatch.
 
     python -m apts_mpi.bench apts --subdomains 2 --out runs/bench/results.jsonl        # serial emulation
+    python -m apts_mpi.bench apts --subdomains 2 --option space=data --out runs/bench/results.jsonl
     mpiexec -n 2 python -m mpi4py -m apts_mpi.bench apts --out runs/bench/results.jsonl
     mpiexec -n 2 python -m mpi4py -m apts_mpi.bench allreduce --out runs/bench/results.jsonl
     python -m apts_mpi.bench baseline --method adam --out runs/bench/results.jsonl
@@ -50,13 +51,22 @@ def _world():
     return MPI.COMM_WORLD
 
 
+def _keywords(args) -> dict:
+    """The ``--option KEY=VALUE`` APTS keywords (values read as YAML: 0.5, shard, true)."""
+    import yaml
+    pairs = [o.partition("=") for o in args.option]
+    if any(not sep for _, sep, _ in pairs):
+        raise SystemExit(f"--option needs KEY=VALUE; got {args.option}")
+    return {k: yaml.safe_load(v) for k, _, v in pairs}
+
+
 def bench_apts(args):
     comm = _world()
     x, y, source = minibatch(args.data)
     model = _model()
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
                subdomains=args.subdomains if comm.Get_size() == 1 else None,
-               local_iters=args.local_iters, global_iters=args.global_iters)
+               local_iters=args.local_iters, global_iters=args.global_iters, **_keywords(args))
     opt.comm = Comm(comm, measure_wait=comm.Get_size() > 1)  # benchmark only: split wait from transfer
     rows = []
     for k in range(args.warmup + args.iterations):
@@ -81,8 +91,8 @@ def bench_apts(args):
             other = crit["total"] - crit["local"] - crit["global_"] - crit["comm"] - crit["waiting"]
             per_iteration.append(dict(crit, other=other, waiting=max(row["waiting"] for row in ranks)))
         med = {k: statistics.median(row[k] for row in per_iteration) for k in per_iteration[0]}
-        label = (f"APTS MPI N={comm.Get_size()}" if comm.Get_size() > 1
-                 else f"APTS serial N={args.subdomains}")
+        label = " ".join([f"APTS MPI N={comm.Get_size()}" if comm.Get_size() > 1
+                          else f"APTS serial N={args.subdomains}", *args.option])
         return dict(kind="apts", label=label, ranks=comm.Get_size(), subdomains=opt.n_subdomains,
                     parameters=count_parameters(model), data=source, iterations=args.iterations,
                     seconds=med["total"], local=med["local"], comm=med["comm"], waiting=med["waiting"],
@@ -257,6 +267,8 @@ def main(argv=None):
     p.add_argument("--local-iters", type=int, default=apts_defaults["local_iters"])
     p.add_argument("--global-iters", type=int, default=apts_defaults["global_iters"])
     p.add_argument("--data", default=os.environ.get("APTS_DATA"))
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="apts: an APTS keyword (a YAML value), e.g. local_batch=shard; repeatable")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.what == "summary":

@@ -80,7 +80,9 @@ def check(model, objective, o: dict, world: int) -> None:
                           ("foc", o["foc"], "its term is zero: a local phase sees the whole batch"),
                           ("global_model", o["global_model"] != "first-order",
                            "a quasi-Newton global model spans all blocks"),
-                          ("autocast", o["autocast"] != "none", "not built for the pipe")):
+                          ("autocast", o["autocast"] != "none", "not built for the pipe"),
+                          ("local_batch", o["local_batch"] != 1, "not built for the pipe"),
+                          ("space", o["space"] != "parameters", "the blocks are the subdomains")):
         if bad:
             raise InputError(f"model_parallel does not support {key}={o[key]!r} ({why})")
     if not isinstance(model, torch.nn.Sequential):

@@ -79,6 +79,12 @@ NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
 POSITIVE_INT = dict(check=lambda v: v >= 1, rule="must be a positive integer")
 MODELS = ("first-order", "lsr1", "lbfgs")
 DECOMPOSITIONS = ("balanced", "random-tensors", "flat", "stages", "cost")
+
+
+def _local_batch_allowed(v):
+    return v == "shard" if isinstance(v, str) else 0 < v <= 1
+
+
 _models = dict(check=lambda v: v in MODELS,
                rule=f"must be one of {', '.join(MODELS)} (local_model and global_model)")
 
@@ -127,6 +133,11 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("autocast", "none", str, **choice("none", "bf16"),
                help="local phases' forward passes under torch.autocast to bfloat16 (losses, rho, sums "
                     "stay in the parameters' dtype)"),
+        Option("local_batch", 1.0, (int, float, str), check=_local_batch_allowed,
+               rule="must be a fraction in (0, 1] or 'shard'",
+               help="part of the minibatch a local phase uses: a fraction of its pieces, or 'shard'"),
+        Option("space", "parameters", str, **choice("parameters", "data"),
+               help="subdomains of the parameters (APTS_P) or shards of the minibatch (APTS_D)"),
     ),
     "tr": TRUST_REGION + (
         Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
@@ -186,7 +197,18 @@ def _trust_region_rules(v, prefix):
                        "norm='inf' and a first-order model")
 
 
-RULES = {"trust-region": _trust_region_rules, "apts": _trust_region_rules, "tr": _trust_region_rules}
+def _apts_rules(v, prefix):
+    """The engine's invariants, and what the data space (shards of the minibatch) excludes."""
+    yield from _trust_region_rules(v, prefix)
+    if v["space"] == "data" and v["replicas"] > 1:
+        yield "replicas", (f"{prefix}space='data' makes each rank one shard of the minibatch; it does "
+                           f"not combine with {prefix}replicas > 1 (got {v['replicas']})")
+    if v["space"] == "data" and v["local_batch"] != 1:
+        yield "local_batch", (f"{prefix}local_batch applies to space='parameters'; with space='data' "
+                              f"each local phase uses its shard (got {v['local_batch']!r})")
+
+
+RULES = {"trust-region": _trust_region_rules, "apts": _apts_rules, "tr": _trust_region_rules}
 
 
 def options(method: str, config_only: bool = False) -> dict[str, Option]:

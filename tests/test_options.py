@@ -28,6 +28,8 @@ def test_every_keyword_is_checked_with_one_message_naming_it(method):
     ("apts", {"global_iters": -1}, ["global_iters must be an integer >= 0"]),
     ("apts", {"micro_batch": 0}, ["micro_batch must be an integer >= 1"]),
     ("apts", {"foc": 1}, ["foc must be true or false"]),
+    ("apts", {"local_batch": 1.5}, ["local_batch must be a fraction in (0, 1] or 'shard'", "1.5"]),
+    ("apts", {"space": "data", "replicas": 2}, ["space='data'", "replicas > 1 (got 2)"]),
     ("tr", {"max_iters": True}, ["max_iters must be an integer"]),
     ("tr", {"radius": float("inf")}, ["radius must be a finite number"]),
     ("tr", {"eta1": 0.5, "eta2": 0.4}, ["0 < eta1 < eta2 < 1", "eta1=0.5"]),

@@ -84,11 +84,19 @@ def cases(world):
         # the package's other problems: a PINN (input derivatives by autograd) and a GPT
         out[f"N{n}-pinn"] = (n, dict(problem="pinn", micro_batch=20))
         out[f"N{n}-gpt"] = (n, dict(problem="gpt"))
+        # stochastic local phases: each subdomain its own shard, or a seeded half of the pieces
+        out[f"N{n}-shard-foc"] = (n, dict(local_batch="shard", foc=True))
+        out[f"N{n}-half-pieces"] = (n, dict(local_batch=0.5, micro_batch=30, foc=True))
+        # data space (APTS_D): shards of the minibatch, averaged corrections; with batch norm
+        out[f"N{n}-data"] = (n, dict(space="data"))
+        out[f"N{n}-data-batchnorm"] = (n, dict(space="data", batchnorm=True, micro_batch=23,
+                                               local_fraction=0.5, global_iters=2))
     if world == 4:
         for acc in ("ratio", "none"):
             out[f"N2x2-{acc}"] = (2, dict(replicas=2, acceptance=acc))
         # replicas whose reductions differ take their group's rank-0 decisions: the run is the
         # unperturbed serial one
+        out["N2x2-shard"] = (2, dict(replicas=2, local_batch="shard", foc=True))
         out["N2x2-perturbed"] = (2, dict(replicas=2, perturb=True, global_iters=2))
     return out
 
