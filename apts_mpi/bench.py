@@ -240,16 +240,18 @@ def time_to_accuracy(run_dirs, target, json_out=None):
         row = dict(run=os.path.basename(os.path.normpath(d)), ranks=attrs.get("world_size"),
                    epoch=int(epochs["epoch"][hit[0]]) if hit.size else None,
                    seconds=float(epochs["seconds"][hit[0]]) if hit.size else None,
-                   best=float(100 * acc.max()), epochs=int(len(acc)))
+                   best=float(100 * acc.max()), final=float(100 * acc[-1]), epochs=int(len(acc)),
+                   seconds_total=float(epochs["seconds"][-1]))
         rows.append(row)
         reached = [str(row["epoch"]), f"{row['seconds']:.0f}"] if hit.size else ["not reached", "-"]
         cells.append([row["run"], str(row["ranks"]), *reached, f"{row['best']:.2f}",
-                      str(row["epochs"])])
+                      f"{row['final']:.2f}", str(row["epochs"]), f"{row['seconds_total']:.0f}"])
     if json_out:
         with open(json_out, "w") as f:
             json.dump(dict(target=target, rows=rows), f, indent=1)
     return format_table(["run", "ranks", f"reached {100 * target:.0f}% at epoch", "seconds",
-                         "best test acc %", "epochs run"], cells, style="markdown")
+                         "best test acc %", "final test acc %", "epochs run", "seconds run"], cells,
+                        style="markdown")
 
 
 def main(argv=None):
