@@ -136,11 +136,16 @@ def test_bad_keywords_raise_one_clear_message(kwargs, message):
     assert message in str(err.value)
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("kwargs", [dict(local_model="lsr1", acceptance="nonmonotone"),
+                                    dict(space="data", local_model="lsr1"),
+                                    dict(local_batch=0.4, micro_batch=9, foc=True)],
+                         ids=["lsr1-nonmonotone", "data-space", "stochastic"])
+def test_state_dict_round_trip_continues_identically(kwargs):
+    """Bitwise, also where the local phases draw their pieces from (seed, iteration, subdomain)."""
     def make():
         model, x, y = problem()
-        return model, x, y, APTS(model, torch.nn.functional.cross_entropy, subdomains=2,
-                                 local_model="lsr1", acceptance="nonmonotone")
+        return model, x, y, APTS(model, torch.nn.functional.cross_entropy, subdomains=2, seed=4,
+                                 **kwargs)
     model, x, y, opt = make()
     for _ in range(3):
         opt.step(x, y)

@@ -172,26 +172,6 @@ def test_data_space_pred_is_the_first_order_decrease_of_the_averaged_step(subdom
         assert float(s.abs().max()) <= 0.5 * 0.05 * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [dict(space="data", local_model="lsr1"),
-                                    dict(local_batch=0.4, micro_batch=9, foc=True)])
-def test_state_dict_round_trip_continues_bitwise(kwargs):
-    def make():
-        model, x, y = problem()
-        return model, x, y, APTS(model, CE, subdomains=2, seed=4, **kwargs)
-    model, x, y, opt = make()
-    for _ in range(3):
-        opt.step(x, y)
-    params, state = flat(model), opt.state_dict()
-    for _ in range(3):
-        opt.step(x, y)
-    model2, _, _, opt2 = make()
-    torch.nn.utils.vector_to_parameters(params, model2.parameters())
-    opt2.load_state_dict(state)
-    for _ in range(3):
-        opt2.step(x, y)
-    assert torch.equal(flat(model2), flat(model))
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(local_batch=0), "local_batch must be a fraction in (0, 1] or 'shard'"),
     (dict(local_batch="half"), "local_batch must be a fraction in (0, 1] or 'shard'"),

@@ -88,7 +88,7 @@ def test_each_rank_holds_only_its_block(launch):
 @pytest.mark.mpi
 def test_a_killed_rank_ends_the_launch(tmp_path):
     stamp = tmp_path / "killed"
-    proc = mpirun(2, HERE / "mpi" / "pipeline_kill.py", stamp, timeout=120)
+    proc = mpirun(2, HERE / "mpi" / "fail.py", "--kill", stamp, timeout=120)
     ended = time.time()
     assert stamp.exists(), proc.stdout + proc.stderr
     assert proc.returncode != 0
