@@ -336,6 +336,18 @@ class APTS(Optimizer):
         accept, rho, radius, loss0, trial, pred = self.comm.bcast(values)
         return bool(accept), rho, radius, loss0, trial, pred
 
+    def _settle(self, loss0, trial, pred, grad_k):
+        """The coordinator's decision applied on every rank: theta_k + s kept, or theta_k restored
+        (bitwise).  Returns (accept, rho, f(theta_k), trial loss, pred, the loss and the gradient
+        the global pass starts from: the trial's, or f(theta_k) and ``grad_k``)."""
+        accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
+        if accept:
+            if self.acceptance == "nonmonotone":
+                self.history.append(trial)
+            return accept, rho, loss0, trial, pred, trial, self.trial_grad
+        self.whole.scatter(self.theta)
+        return accept, rho, loss0, trial, pred, loss0, grad_k
+
     def _local_phase(self, d, core, batch, theta):
         """Run subdomain d's local solve from theta_k; returns (delta_d, f_d(0))."""
         sub = core.subdomain
@@ -471,16 +483,10 @@ class APTS(Optimizer):
             trial = float(self._shared_evaluate(pieces, B, comm, self.whole,
                                                 self.trial_grad if need_grad else None))
             glob.count_evaluation(loss=1, grad=int(need_grad))
-            accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
-            if accept:
-                if self.acceptance == "nonmonotone":
-                    self.history.append(trial)
-                loss, gradient = trial, self.trial_grad
-            else:
-                self.whole.scatter(theta)
-                loss, gradient = loss0, self.global_grad if self.exact_start else self.grad0
-                if need_grad and not self.exact_start:  # from the local phases' first evaluations
-                    comm.allgatherv_(self.grad0, self.counts, self.displs)
+            accept, rho, loss0, trial, pred, loss, gradient = self._settle(
+                loss0, trial, pred, self.global_grad if self.exact_start else self.grad0)
+            if not accept and need_grad and not self.exact_start:  # grad f(theta_k) from the
+                comm.allgatherv_(self.grad0, self.counts, self.displs)  # local phases' evaluations
 
         # 5. global pass
         acc0, rej0 = glob.counters.accepted, glob.counters.rejected

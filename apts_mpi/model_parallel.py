@@ -244,14 +244,8 @@ class ModelParallelAPTS(APTS):
             self.sub.add_(self.correction)
             trial = float(self._full(pieces, B, self.trial_grad if need_grad else None))
             glob.count_evaluation(loss=1, grad=int(need_grad))
-            accept, rho, self.radius, loss0, trial, pred = self._coordinate(loss0, trial, pred)
-            if accept:
-                if self.acceptance == "nonmonotone":
-                    self.history.append(trial)
-                loss, gradient = trial, self.trial_grad
-            else:
-                self.sub.scatter(self.theta)
-                loss, gradient = loss0, self.grad0
+            accept, rho, loss0, trial, pred, loss, gradient = self._settle(loss0, trial, pred,
+                                                                           self.grad0)
         acc0, rej0 = glob.counters.accepted, glob.counters.rejected
         if self.global_iters and not broken:
             glob.set_gradient(gradient)
