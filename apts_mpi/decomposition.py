@@ -70,7 +70,7 @@ class Subdomain:
             if t.dtype != self.dtype or t.device != self.device:
                 raise ValueError("all parameters of a subdomain must share one dtype and device; "
                                  f"found {self.dtype}/{self.device} and {t.dtype}/{t.device}")
-        self.offsets = np.cumsum([0] + [p.numel for p in self.pieces]).tolist()
+        self.sizes = [p.numel for p in self.pieces]  # the split of a flat vector into pieces
 
     @classmethod
     def whole(cls, params):
@@ -106,10 +106,7 @@ class Subdomain:
         torch._foreach_add_(list(self._views(False)), self._split(vec), alpha=alpha)
 
     def _split(self, vec):
-        return list(torch.split(vec[:self.numel], [p.numel for p in self.pieces]))
-
-    def _spans(self):
-        return zip(self.offsets[:-1], self.offsets[1:])
+        return list(torch.split(vec[:self.numel], self.sizes))
 
 
 def _units(model: torch.nn.Module, params, by_module: bool):
