@@ -66,7 +66,7 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   reference of rho, the FOC term's gradient and the global pass's gradient after a rejection.
 * Data space (``space="data"``, APTS_D): subdomain d is share d of the minibatch and its local
   phase works on all of theta with the FOC term (always on); s = sum_d (|B_d|/|B|) u_d, summed
-  with one Allreduce, then rank 0's bits broadcast; pred = -grad f(theta_k)^T s, the first-order
+  on rank 0 with one Reduce, then broadcast; pred = -grad f(theta_k)^T s, the first-order
   model's decrease for the averaged step (docs/method.md section 6).
 """
 from __future__ import annotations
@@ -453,8 +453,8 @@ class APTS(Optimizer):
         comm_local = in_collectives() - comm_s0
 
         # 3. additive combination
-        if self.data_space:  # s = sum of the ranks' w_d u_d; rank 0's bits on every rank
-            comm.bcast_(comm.allreduce_(self.correction))
+        if self.data_space:  # s = sum of the ranks' w_d u_d, formed on rank 0, its bits on every rank
+            comm.bcast_(comm.reduce_(self.correction))
         else:
             comm.allgatherv_(self.correction, self.counts, self.displs)
         # one scalar Allreduce: the decreases, the evaluation counts and the number of ranks

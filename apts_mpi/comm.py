@@ -111,6 +111,19 @@ class Comm:
             return tensor
         return self._timed(lambda buf: self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), tensor)
 
+    def reduce_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """tensor <- sum over ranks on ``root``, in place; the other ranks' tensors are unspecified
+        afterwards (follow with ``bcast_`` to give every rank the root's bits)."""
+        if self.size == 1:
+            return tensor
+
+        def reduce(buf):
+            if self.rank == root:
+                self.comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=root)
+            else:
+                self.comm.Reduce(buf, None, op=MPI.SUM, root=root)
+        return self._timed(reduce, tensor)
+
     def allgatherv_(self, tensor: torch.Tensor, counts, displs) -> torch.Tensor:
         """Rank p contributes ``tensor[displs[p]:displs[p]+counts[p]]``; every rank gets all, in place."""
         if self.size == 1:
