@@ -64,6 +64,9 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   iteration, subdomain)), so the serial emulation draws what the N-rank run does and a resume is
   bitwise.  The iteration then starts with a shared evaluation of f(theta_k) and its gradient: the
   reference of rho, the FOC term's gradient and the global pass's gradient after a rejection.
+* ``local_decisions="device"``: each local phase runs :meth:`TrustRegionCore.run_on_device`
+  (branch-free decisions, bitwise the host run's iterates) and reads its final loss and f_d(0) in
+  one transfer; a one-rank loss-only evaluation stays a device tensor.
 * Data space (``space="data"``, APTS_D): subdomain d is share d of the minibatch and its local
   phase works on all of theta with the FOC term (always on); s = sum_d (|B_d|/|B|) u_d, summed
   on rank 0 with one Reduce, then broadcast; pred = -grad f(theta_k)^T s, the first-order
@@ -171,6 +174,7 @@ class APTS(Optimizer):
         self.micro_batch = o["micro_batch"]
         self.autocast = torch.bfloat16 if o["autocast"] == "bf16" else None
         self.local_batch, self.data_space, self.seed = o["local_batch"], o["space"] == "data", seed
+        self.on_device = o["local_decisions"] == "device"  # TrustRegionCore.run_on_device
         # stochastic local phases and the data space evaluate f(theta_k) and its gradient on the
         # whole minibatch first (a shared evaluation): no local phase sees all of it
         self.exact_start = self.data_space or self.local_batch != 1
@@ -297,8 +301,8 @@ class APTS(Optimizer):
                 if grad:
                     term.backward()
             loss += term.detach()
-        if not grad:
-            return comm.sum_scalars([float(loss)])[0] / B
+        if not grad:  # one rank: left on the device (correctly rounded as the host's double / B)
+            return loss / B if comm.size == 1 else comm.sum_scalars([float(loss)])[0] / B
         m = subdomain.numel
         buf = self.reduce_buffer[:m + 1]
         subdomain.gather(buf[:m], grad=True)
@@ -375,7 +379,9 @@ class APTS(Optimizer):
                 return loss + self.foc_term[a:b].dot(u)
 
             grad0 = self.grad0[a:b]
-            loss0 = float(f_d(grad0))  # f_d(0): the FOC term is 0 there
+            loss0 = f_d(grad0)  # f_d(0): the FOC term is 0 there
+            if not self.on_device:
+                loss0 = float(loss0)
             if self.local_agree is not None:  # the replicas start from their rank 0's f_d(0)
                 loss0 = self.local_agree([loss0])[0]
             core.count_evaluation(loss=1, grad=1)
@@ -389,9 +395,13 @@ class APTS(Optimizer):
             else:
                 core.set_gradient(grad0)
             core.set_radius(self.local_fraction * self.radius)
-            loss = core.run(with_foc if foc else f_d, self.local_iters, loss=loss0,
-                            box=self.local_fraction * self.radius, agree=self.local_agree,
-                            loss_only=True)  # the last trial's gradient is never used
+            box = self.local_fraction * self.radius
+            if self.on_device:  # one transfer: the final loss and f_d(0)
+                loss, loss0 = core.run_on_device(with_foc if foc else f_d, self.local_iters, loss0,
+                                                 box=box, read=[loss0])
+            else:
+                loss = core.run(with_foc if foc else f_d, self.local_iters, loss=loss0, box=box,
+                                agree=self.local_agree, loss_only=True)  # the last trial's gradient is never used
             if self.data_space:  # s = sum_d w_d u_d, w_d = |B_d| / |B|
                 self.correction.add_(core.offset, alpha=B / batch_size(batch))
             else:

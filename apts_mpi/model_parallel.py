@@ -82,7 +82,9 @@ def check(model, objective, o: dict, world: int) -> None:
                            "a quasi-Newton global model spans all blocks"),
                           ("autocast", o["autocast"] != "none", "not built for the pipe"),
                           ("local_batch", o["local_batch"] != 1, "not built for the pipe"),
-                          ("space", o["space"] != "parameters", "the blocks are the subdomains")):
+                          ("space", o["space"] != "parameters", "the blocks are the subdomains"),
+                          ("local_decisions", o["local_decisions"] != "host",
+                           "every probe round is a pipelined exchange")):
         if bad:
             raise InputError(f"model_parallel does not support {key}={o[key]!r} ({why})")
     if not isinstance(model, torch.nn.Sequential):

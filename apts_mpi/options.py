@@ -138,6 +138,9 @@ METHODS: dict[str, tuple[Option, ...]] = {
                help="part of the minibatch a local phase uses: a fraction of its pieces, or 'shard'"),
         Option("space", "parameters", str, **choice("parameters", "data"),
                help="subdomains of the parameters (APTS_P) or shards of the minibatch (APTS_D)"),
+        Option("local_decisions", "host", str, **choice("host", "device"),
+               help="local accept/reject and radius on the host, or branch-free on the device (one "
+                    "transfer per local phase; first-order local model, replicas 1)"),
     ),
     "tr": TRUST_REGION + (
         Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
@@ -203,6 +206,10 @@ def _apts_rules(v, prefix):
     if v["space"] == "data" and v["replicas"] > 1:
         yield "replicas", (f"{prefix}space='data' makes each rank one shard of the minibatch; it does "
                            f"not combine with {prefix}replicas > 1 (got {v['replicas']})")
+    if v["local_decisions"] == "device" and (v["local_model"] != "first-order" or v["replicas"] > 1):
+        yield "local_decisions", (f"{prefix}local_decisions='device' needs {prefix}local_model="
+                                  f"'first-order' and {prefix}replicas=1 (got {v['local_model']!r}, "
+                                  f"{v['replicas']})")
     if v["space"] == "data" and v["local_batch"] != 1:
         yield "local_batch", (f"{prefix}local_batch applies to space='parameters'; with space='data' "
                               f"each local phase uses its shard (got {v['local_batch']!r})")

@@ -169,12 +169,7 @@ class TrustRegionCore:
         quasi_newton = self.qn is not None and len(self.qn)
         on_device = not (quasi_newton or self.partial_gradient)
         if on_device:
-            if cfg.step == "sign":
-                torch.sign(g, out=s).mul_(-radius)
-            else:
-                g_norm = norms[0] if cfg.norm == "inf" else norms[1].double().sqrt()
-                factor = torch.full((), -radius, dtype=torch.float64, device=g.device) / g_norm.double()
-                torch.mul(g, factor.to(g.dtype), out=s)
+            self._first_order_step(radius, norms)
             if box is not None:
                 norms.append(-g.dot(self._clip(box)))
         values = torch.stack(norms).tolist()
@@ -195,6 +190,17 @@ class TrustRegionCore:
                 torch.mul(g, -radius / g_norm, out=s)
         pred = radius * g_1 if cfg.step == "sign" else radius * g_2sq / g_norm
         return (values[3] if box is not None and pred > 0 else pred), None
+
+    def _first_order_step(self, radius, norms) -> None:
+        """The first-order step for ``radius`` (a float, or a 0-dim float64 tensor on the device)
+        into self.step, on the device, from ``norms`` = [||g||_inf, ||g||_2^2, ||g||_1] (tensors)."""
+        g, s = self.grad, self.step
+        if self.config.step == "sign":
+            torch.sign(g, out=s).mul_(-radius)
+        else:
+            g_norm = norms[0] if self.config.norm == "inf" else norms[1].double().sqrt()
+            factor = -torch.as_tensor(radius, dtype=torch.float64, device=g.device) / g_norm.double()
+            torch.mul(g, factor.to(g.dtype), out=s)
 
     #: True where self.grad is one block of a gradient split over ranks (model-parallel APTS): the
     #: norms are reduced by :meth:`_reduce_norms` before the step is formed (on the host)
@@ -325,6 +331,93 @@ class TrustRegionCore:
             if not accept and at_floor:
                 break  # rejected at the radius floor: the next step would be the same
         return loss
+
+    def run_on_device(self, evaluate, iters: int, loss, box: float | None = None,
+                      read=()) -> list[float]:
+        """:meth:`run` with the first-order model and every decision taken on the device: no host
+        synchronisation until one transfer at the end (GPU: the kernels of all ``iters`` iterations
+        are queued without waiting).
+
+        The same iterates, losses, radius, rho and accept/reject counts as ``run(evaluate, iters,
+        loss=loss, box=box, loss_only=True)`` (no ``gtol``, ``decide`` or ``agree``), bit for bit:
+        stop, rho, acceptance and the radius rule are the same float64 operations on the same values,
+        written branch-free (``torch.where``).  Where ``run`` stops early (a zero or non-finite
+        gradient, a full box, a rejection at ``min_radius``), the remaining iterations here evaluate
+        the unchanged point and discard the result: they are counted in ``loss_evals`` and
+        ``grad_evals`` because they are spent.  ``loss``: f at the current point (a float or a 0-dim
+        tensor), ``self.grad`` holding its gradient; ``evaluate`` may return a 0-dim tensor.
+        Returns the host values of [final loss, *read] (``read``: 0-dim tensors the caller wants in
+        the same transfer).
+        """
+        if self.qn is not None or self.partial_gradient:
+            raise ValueError("run_on_device needs the first-order model and the whole gradient")
+        cfg, s, dev = self.config, self.step, self.step.device
+        f64 = dict(dtype=torch.float64, device=dev)
+
+        def as_f64(v):
+            return v.to(**f64).reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v), **f64)
+
+        loss = as_f64(loss)
+        radius = torch.tensor(self.radius, **f64)
+        going = torch.ones((), dtype=torch.bool, device=dev)  # run has not stopped yet
+        grad_current = going.clone()
+        tally = torch.zeros(3, **f64)  # accepted, rejected, non-finite trials
+        rho_last = torch.tensor(self.counters.rho, **f64)
+        tol = ROUNDING * torch.finfo(s.dtype).eps  # times max(1, |f|): ratio_decision's rounding level
+        if box is not None:
+            if self.offset is None:
+                self.offset = torch.zeros_like(self.grad)
+            self.offset.zero_()
+        norm = torch.linalg.vector_norm
+        for it in range(iters):
+            r = radius if box is None else radius.clamp(max=box)
+            g = self.grad
+            norms = [norm(g, math.inf), g.dot(g), norm(g, 1)]
+            self._first_order_step(r, norms)
+            g_inf, g_2sq, g_1 = (v.double() for v in norms)
+            g_norm = g_inf if cfg.norm == "inf" else g_2sq.sqrt()
+            pred = r * g_1 if cfg.step == "sign" else r * g_2sq / g_norm
+            if box is not None:
+                pred = torch.where(pred > 0, -g.dot(self._clip(box)).double(), pred)
+            going &= (g_inf > 0) & torch.isfinite(g_2sq) & (pred > 0)
+            s.masked_fill_(~going, 0)
+            need_grad = it < iters - 1
+            self.subdomain.gather(self.saved)
+            self.subdomain.add_(s)
+            trial = self.counted_evaluation(evaluate, self.trial_grad if need_grad else None)
+            trial = torch.as_tensor(trial, dtype=s.dtype, device=dev).reshape(()).double()
+            finite = torch.isfinite(trial)
+            if need_grad:
+                finite &= torch.isfinite(norm(self.trial_grad, math.inf))
+            actual = loss - trial
+            rounding = loss.abs().clamp(min=1.0) * tol
+            rho = torch.where((actual.abs() <= rounding) & (pred.abs() <= rounding), 1.0, actual / pred)
+            rho = torch.where(finite, rho, -math.inf)
+            good = rho >= cfg.eta1
+            accept = going & finite & good
+            grown = torch.where(rho > cfg.eta2, (radius * cfg.increase).clamp(max=cfg.max_radius), radius)
+            updated = torch.where(good, grown, (radius * cfg.decrease).clamp(min=cfg.min_radius))
+            at_floor = radius <= cfg.min_radius
+            radius = torch.where(going, updated, radius)
+            tally += torch.stack([accept, going & ~accept, going & ~finite])
+            rho_last = torch.where(going, rho, rho_last)
+            loss = torch.where(accept, trial, loss)
+            torch.where(accept, self.trial_grad, g, out=g)
+            grad_current = torch.where(accept, need_grad, grad_current)
+            s.masked_fill_(~accept, 0)  # a rejection restores the saved point (+ a zero step)
+            self.subdomain.scatter(self.saved)
+            self.subdomain.add_(s)
+            if box is not None:
+                self.offset.add_(s)
+            going &= accept | ~at_floor
+        values = torch.cat([torch.stack([loss, rho_last, radius, grad_current.double()]), tally,
+                            *(as_f64(v).reshape(1) for v in read)]).tolist()
+        (loss, self.counters.rho, self.radius, current), (acc, rej, bad) = values[:4], values[4:7]
+        self.counters.radius, self.grad_current = self.radius, bool(current)
+        self.counters.accepted += int(acc)
+        self.counters.rejected += int(rej)
+        self.counters.nonfinite += int(bad)
+        return [loss, *values[7:]]
 
     # -- what a driver that owns its iteration (APTS) may set and count ---------------------------
     def count_evaluation(self, loss: int = 1, grad: int = 1) -> None:

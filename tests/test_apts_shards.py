@@ -172,12 +172,48 @@ def test_data_space_pred_is_the_first_order_decrease_of_the_averaged_step(subdom
         assert float(s.abs().max()) <= 0.5 * 0.05 * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [
+    dict(subdomains=2),
+    dict(subdomains=3, foc=True, local_batch="shard", micro_batch=15, global_iters=2),
+    dict(subdomains=2, space="data", norm="2", local_iters=4),
+    dict(subdomains=2, step="sign", local_fraction=0.1, local_batch=0.5, micro_batch=20,
+         acceptance="nonmonotone"),
+    dict(subdomains=2, radius=0.09, max_radius=0.1, local_fraction=0.5, local_iters=8),
+])
+def test_local_decisions_on_the_device_give_the_host_iterates(kwargs, dtype):
+    """local_decisions='device' (branch-free local phases, one transfer each) against the default
+    host-branching local phases: the same parameters bit for bit and the same reports; only the
+    local evaluation counts may grow (a stopped local phase keeps evaluating its unchanged point)."""
+    model, x, y = problem(dtype=dtype)
+    other, _, _ = problem(dtype=dtype)
+    constants = {"radius": 0.05, **kwargs}
+    host = APTS(model, CE, **constants)
+    device = APTS(other, CE, local_decisions="device", **constants)
+    seen = set()
+    for _ in range(6):
+        host.step(x, y)
+        device.step(x, y)
+        a, b = vars(host.report), vars(device.report)
+        for key in ("loss", "trial_loss", "final_loss", "pred", "rho", "accepted", "radius", "step_inf"):
+            assert b[key] == a[key], key
+        assert b["local_loss_evals"] >= a["local_loss_evals"]
+        seen.add(a["accepted"])
+        assert torch.equal(flat(other), flat(model))
+    for d, core in host.local.items():
+        c, e = core.counters, device.local[d].counters
+        assert (e.accepted, e.rejected, e.rho, e.radius) == (c.accepted, c.rejected, c.rho, c.radius)
+    assert True in seen
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(local_batch=0), "local_batch must be a fraction in (0, 1] or 'shard'"),
     (dict(local_batch="half"), "local_batch must be a fraction in (0, 1] or 'shard'"),
     (dict(space="tensors"), "space must be one of parameters, data"),
     (dict(space="data", replicas=2), "does not combine with replicas > 1"),
     (dict(space="data", local_batch=0.5), "local_batch applies to space='parameters'"),
+    (dict(local_decisions="device", local_model="lbfgs"), "local_decisions='device' needs local_model"),
+    (dict(local_decisions="gpu"), "local_decisions must be one of host, device"),
 ])
 def test_bad_keywords_raise_one_clear_message(kwargs, message):
     model, _, _ = problem()

@@ -24,8 +24,9 @@ def test_quick_run_on_the_cpu(tmp_path):
     assert not [r for r in rows if "error" in r] or shutil.which("mpiexec") is None
     single = [r for r in rows if r.get("ranks") == 1]
     assert {(r["network"], r["option"]) for r in single} == {
-        ("mnist-fc", o) for o in ("default", "bf16", "cost", "bf16+cost", "adam")} | {
-        ("cifar-lenet5", o) for o in ("default", "bf16+cost", "adam")}
+        ("mnist-fc", o) for o in ("default", "bf16", "cost", "bf16+cost", "device", "fast",
+                                  "fast+device", "adam")} | {
+        ("cifar-lenet5", o) for o in ("default", "bf16+cost", "device", "adam")}
     for r in rows:
         if "error" in r:
             continue
@@ -35,8 +36,9 @@ def test_quick_run_on_the_cpu(tmp_path):
             assert len(r["local_seconds"]) == r["subdomains"]
             assert sum(r["parameters"]) == (535818 if r["network"] == "mnist-fc" else 62006)
     if shutil.which("mpiexec"):
-        assert [r["option"] for r in rows if r.get("ranks") == 2] == ["default", "cost"]
-    assert [t["method"] for t in result["tta"]] == ["apts", "adam"]
+        assert [r["option"] for r in rows if r.get("ranks") == 2] == ["default", "cost", "device",
+                                                                        "fast+device"]
+    assert [t["method"] for t in result["tta"]] == ["apts", "apts-fast", "adam"]
     assert "ms/iter" in proc.stdout and "time to 97%" in proc.stdout
 
 

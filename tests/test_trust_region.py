@@ -469,3 +469,60 @@ def test_boxed_first_order_step_equals_the_host_formula_bitwise(dtype, norm):
     s = (s + core.offset).clamp(-box, box) - core.offset
     assert torch.equal(core.step, s)
     assert pred == -float(grad.dot(s))
+
+
+# -- the local run with every decision on the device ----------------------------------------------
+def _nan_outside(x):
+    return torch.where(x.abs().max() > 1.2, torch.full((), math.nan, dtype=x.dtype), -(x ** 2).sum())
+
+
+DEVICE_CASES = {  # name: (fun, x0, engine constants, box, iterations)
+    "rosenbrock, rejections": (rosenbrock, [-1.2, 1.0, 0.5, -0.3], dict(radius=1.0, max_radius=4.0), None, 9),
+    "boxed, 2-norm": (rosenbrock, [-1.2, 1.0, 0.5, -0.3], dict(radius=0.5, max_radius=1.0, norm="2"), 0.3, 7),
+    "sign step in a box": (beale, [1.0, 1.0], dict(radius=0.1, step="sign"), 0.05, 6),
+    "zero gradient stops": (lambda x: (x * 0).sum() + 1, [0.3, -0.2], dict(radius=0.1), 0.2, 4),
+    "full box stops": (lambda x: x.sum() * 3, [0.3, -0.2, 0.1], dict(radius=1.0, max_radius=1.0, step="sign"), 0.01, 5),
+    "rejection at the floor stops": (lambda x: 100 * (x ** 4).sum(), [1.0, -1.0],
+                                     dict(radius=5.0, min_radius=5.0, max_radius=5.0), None, 4),
+    "non-finite trials": (_nan_outside, [1.0, 0.9], dict(radius=0.8, max_radius=1.0), None, 6),
+    "rounding level": (lambda x: 1 + 1e-30 * x.sum(), [0.0, 0.0], dict(radius=0.01), None, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(DEVICE_CASES))
+def test_run_on_device_equals_the_host_run_bitwise(case, dtype):
+    """Branch-free decisions on the device against the host-branching run: the same iterate, loss,
+    radius, rho, accepted/rejected/non-finite counts, accumulated step and gradient, bit for bit,
+    including runs that the host stops early (zero gradient, full box, rejection at the floor)."""
+    fun, x0, constants, box, iters = DEVICE_CASES[case]
+    results = []
+    for device_run in (False, True):
+        x = torch.tensor(x0, dtype=dtype)
+        core = core_on(x, **constants)
+        evaluate = evaluator(x, fun)
+        loss0 = evaluate(core.grad)
+        if device_run:
+            loss, = core.run_on_device(evaluate, iters, loss0, box=box)
+        else:
+            loss = core.run(evaluate, iters, loss=float(loss0), box=box, loss_only=True)
+        c = core.counters
+        results.append(dict(x=x.clone(), loss=loss, radius=core.radius, rho=c.rho,
+                            counts=(c.accepted, c.rejected, c.nonfinite), current=core.grad_current,
+                            grad=core.grad.clone() if core.grad_current else None,
+                            offset=None if box is None else core.offset.clone(), evals=c.loss_evals))
+    host, device = results
+    assert torch.equal(device.pop("x"), host.pop("x"))
+    for key in ("grad", "offset"):
+        a, b = host.pop(key), device.pop(key)
+        assert (a is None and b is None) or torch.equal(a, b), key
+    assert device.pop("evals") == iters >= host.pop("evals")  # every iteration evaluates
+    assert device == host or (math.isnan(host["rho"]) and math.isnan(device["rho"])
+                              and {**device, "rho": 0} == {**host, "rho": 0})
+
+
+def test_run_on_device_needs_the_first_order_model():
+    x = torch.zeros(3, dtype=torch.float64)
+    core = core_on(x, model="lbfgs")
+    with pytest.raises(ValueError, match="first-order"):
+        core.run_on_device(evaluator(x, lambda v: (v ** 2).sum()), 2, 0.0)

@@ -91,6 +91,9 @@ def cases(world):
         out[f"N{n}-data"] = (n, dict(space="data"))
         out[f"N{n}-data-batchnorm"] = (n, dict(space="data", batchnorm=True, micro_batch=23,
                                                local_fraction=0.5, global_iters=2))
+        # local decisions on the device (branch-free, one transfer per local phase)
+        out[f"N{n}-device-decisions"] = (n, dict(local_decisions="device", foc=True))
+        out[f"N{n}-data-device-decisions"] = (n, dict(space="data", local_decisions="device"))
     if world == 4:
         for acc in ("ratio", "none"):
             out[f"N2x2-{acc}"] = (2, dict(replicas=2, acceptance=acc))
