@@ -220,3 +220,31 @@ def test_bad_keywords_raise_one_clear_message(kwargs, message):
     with pytest.raises(ValueError) as err:
         APTS(model, CE, **kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(space="data")])
+def test_device_decisions_read_the_device_once_per_local_phase(monkeypatch, kwargs):
+    """Every read of a tensor's value on the host (tolist, item, float, int, bool) counted during
+    the local phases: 2 per local iteration and f_d(0) on the host path (5 iterations: 11), one
+    per local phase with local_decisions='device'."""
+    reads = []
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
+        def counted(self, *args, _read=getattr(torch.Tensor, name), **kw):
+            reads.append(1)
+            return _read(self, *args, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_phase = {}
+    for decisions in ("host", "device"):
+        model, x, y = problem(dtype=torch.float32)
+        opt = APTS(model, CE, subdomains=2, radius=0.05, local_decisions=decisions, **kwargs)
+        phase, counts = opt._local_phase, []
+
+        def counted_phase(*args):
+            before = len(reads)
+            out = phase(*args)
+            counts.append(len(reads) - before)
+            return out
+        opt._local_phase = counted_phase
+        opt.step(x, y)
+        per_phase[decisions] = counts
+    assert per_phase == {"host": [11, 11], "device": [1, 1]}
