@@ -430,7 +430,7 @@ class APTS(Optimizer):
         self.whole.gather(theta)  # theta_k
         r = IterationReport()
         before = {d: (c.counters.loss_evals, c.counters.grad_evals) for d, c in self.local.items()}
-        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
+        global_before = self._global_counts()
         B, pieces = batch_size(batch), self._world_pieces(batch)  # this rank's shared evaluations
 
         if self.exact_start:  # f(theta_k) and its gradient, a shared evaluation
@@ -499,7 +499,6 @@ class APTS(Optimizer):
                 comm.allgatherv_(self.grad0, self.counts, self.displs)  # local phases' evaluations
 
         # 5. global pass
-        acc0, rej0 = glob.counters.accepted, glob.counters.rejected
         if self.global_iters and not broken:
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
@@ -509,12 +508,7 @@ class APTS(Optimizer):
         self.sync_buffers()
         t_global = time.perf_counter() - t0
 
-        r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
-        r.accepted, r.radius = accept, self.radius
-        r.global_loss_evals = glob.counters.loss_evals - ev_before[0]
-        r.global_grad_evals = glob.counters.grad_evals - ev_before[1]
-        r.global_accepted = glob.counters.accepted - acc0
-        r.global_rejected = glob.counters.rejected - rej0
+        self._report_outcome(r, global_before, loss0, trial, loss, pred, rho, accept)
         r.seconds_wait = comm.waiting + self.group.waiting - wait0
         r.seconds_comm = in_collectives() - comm_s0 - r.seconds_wait
         comm_global = in_collectives() - comm_s0 - comm_local - comm_combine
@@ -523,6 +517,18 @@ class APTS(Optimizer):
         self.report = r
         self.iteration += 1
         return loss
+
+    def _global_counts(self) -> tuple:
+        c = self.global_core.counters
+        return c.loss_evals, c.grad_evals, c.accepted, c.rejected
+
+    def _report_outcome(self, r, before, loss0, trial, loss, pred, rho, accept) -> None:
+        """The iteration's values, decision, radius and global-pass counts (since ``before``, a
+        :meth:`_global_counts` taken at its start) into the report ``r``."""
+        r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
+        r.accepted, r.radius = accept, self.radius
+        r.global_loss_evals, r.global_grad_evals, r.global_accepted, r.global_rejected = (
+            now - then for now, then in zip(self._global_counts(), before))
 
     def record(self) -> dict:
         """The last iteration's row of the per-iteration series (cumulative counts are the caller's)."""

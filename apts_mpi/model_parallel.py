@@ -209,7 +209,7 @@ class ModelParallelAPTS(APTS):
         r = IterationReport()
         bytes0 = (self.pipe.bytes_down, self.pipe.bytes_up)
         before = (core.counters.loss_evals, core.counters.grad_evals)
-        ev_before = (glob.counters.loss_evals, glob.counters.grad_evals)
+        global_before = self._global_counts()
         B, pieces = batch_size(batch), self._pieces(batch, range(self.n_shares))
         self.sub.gather(self.theta)
         self.frozen_sub.scatter(self.theta)
@@ -248,7 +248,6 @@ class ModelParallelAPTS(APTS):
             glob.count_evaluation(loss=1, grad=int(need_grad))
             accept, rho, loss0, trial, pred, loss, gradient = self._settle(loss0, trial, pred,
                                                                            self.grad0)
-        acc0, rej0 = glob.counters.accepted, glob.counters.rejected
         if self.global_iters and not broken:
             glob.set_gradient(gradient)
             glob.set_radius(self.radius)
@@ -257,12 +256,7 @@ class ModelParallelAPTS(APTS):
             self.radius = glob.radius
         r.seconds_global = time.perf_counter() - t0
 
-        r.loss, r.trial_loss, r.final_loss, r.pred, r.rho = loss0, trial, loss, pred, rho
-        r.accepted, r.radius = accept, self.radius
-        r.global_loss_evals = glob.counters.loss_evals - ev_before[0]
-        r.global_grad_evals = glob.counters.grad_evals - ev_before[1]
-        r.global_accepted = glob.counters.accepted - acc0
-        r.global_rejected = glob.counters.rejected - rej0
+        self._report_outcome(r, global_before, loss0, trial, loss, pred, rho, accept)
         r.seconds = time.perf_counter() - t_start
         self.bytes_per_link = (self.pipe.bytes_down - bytes0[0], self.pipe.bytes_up - bytes0[1])
         self.report = r
