@@ -64,6 +64,8 @@ Decisions this module takes where the method page leaves room (docs/method.md se
   iteration, subdomain)), so the serial emulation draws what the N-rank run does and a resume is
   bitwise.  The iteration then starts with a shared evaluation of f(theta_k) and its gradient: the
   reference of rho, the FOC term's gradient and the global pass's gradient after a rejection.
+  A local phase on one share (``shard`` or the data space, one rank per subdomain, no autocast)
+  takes f_d(0) and its gradient from that evaluation's sums of its share.
 * ``local_decisions="device"``: each local phase runs :meth:`TrustRegionCore.run_on_device`
   (branch-free decisions, bitwise the host run's iterates) and reads its final loss and f_d(0) in
   one transfer; a one-rank loss-only evaluation stays a device tensor.
@@ -235,6 +237,10 @@ class APTS(Optimizer):
         self.foc_term = torch.zeros(n, **kw) if foc else None
         self.foc_work = torch.empty(n, **kw) if foc else None
         self.global_grad = torch.empty(n, **kw) if self.exact_start else None  # grad f(theta_k)
+        # a local phase on one share takes f_d(0) from the start evaluation (_start_evaluation)
+        self.reuse_start = (self.data_space or self.local_batch == "shard") and self.replicas == 1 \
+            and self.autocast is None
+        self.start_sums = {d: torch.empty(n + 1, **kw) for d in owned} if self.reuse_start else None
         self.sync_buffers = BufferSync(model, self.comm)  # batch-norm statistics
         self.history = deque(maxlen=self.window)  # losses of the last accepted iterates (NAPTS)
         self.report = IterationReport()
@@ -286,7 +292,19 @@ class APTS(Optimizer):
         ``autocast`` (a dtype): each piece's forward pass under ``torch.autocast`` to it, its loss cast
         back to the parameters' dtype before backward and sum.
         """
-        grad = grad_out is not None
+        if grad_out is None:  # one rank: left on the device (correctly rounded as the host's double / B)
+            loss = self._sums(pieces, None, None, net, autocast)
+            return loss / B if comm.size == 1 else comm.sum_scalars([float(loss)])[0] / B
+        m = subdomain.numel
+        buf = self._sums(pieces, subdomain, self.reduce_buffer[:m + 1], net, autocast)
+        comm.allreduce_(buf)
+        torch.div(buf[:m], B, out=grad_out)
+        return buf[m] / B
+
+    def _sums(self, pieces, subdomain: Subdomain | None, out, net=None, autocast=None):
+        """This rank's sum over ``pieces``: the loss (``out=None``), or [the gradient on
+        ``subdomain`` | the loss] written into ``out`` (returned)."""
+        grad = out is not None
         if grad:
             self.model.zero_grad(set_to_none=False)
         loss = torch.zeros((), dtype=self.whole.dtype, device=self.whole.device)
@@ -301,15 +319,30 @@ class APTS(Optimizer):
                 if grad:
                     term.backward()
             loss += term.detach()
-        if not grad:  # one rank: left on the device (correctly rounded as the host's double / B)
-            return loss / B if comm.size == 1 else comm.sum_scalars([float(loss)])[0] / B
-        m = subdomain.numel
-        buf = self.reduce_buffer[:m + 1]
-        subdomain.gather(buf[:m], grad=True)
-        buf[m] = loss
-        comm.allreduce_(buf)
-        torch.div(buf[:m], B, out=grad_out)
-        return buf[m] / B
+        if not grad:
+            return loss
+        subdomain.gather(out[:-1], grad=True)
+        out[-1] = loss
+        return out
+
+    def _start_evaluation(self, batch, B, pieces) -> float:
+        """f(theta_k) and its gradient (into ``global_grad``), a shared evaluation.
+
+        Where a local phase evaluates exactly one share of the minibatch (``local_batch: shard`` or
+        the data space, one rank per subdomain, no autocast), this rank's sums are formed share by
+        share and kept (``start_sums[d]``): subdomain d's local phase takes f_d(0) and its gradient
+        from them instead of evaluating its share again.
+        """
+        if not self.reuse_start:
+            return float(self._shared_evaluate(pieces, B, self.comm, self.whole, self.global_grad))
+        n, total = self.whole.numel, self.reduce_buffer
+        shares = [self.comm.rank] if self.comm.size > 1 else range(self.n_shares)
+        for i, p in enumerate(shares):
+            part = self._sums(self._pieces(batch, [p]), self.whole, self.start_sums[p])
+            total.copy_(part) if i == 0 else total.add_(part)
+        self.comm.allreduce_(total)
+        torch.div(total[:n], B, out=self.global_grad)
+        return float(total[n] / B)
 
     def _frozen_prefix(self, mine) -> int:
         """Leading layers of an ``nn.Sequential`` model that hold none of the parameters ``mine``:
@@ -379,12 +412,16 @@ class APTS(Optimizer):
                 return loss + self.foc_term[a:b].dot(u)
 
             grad0 = self.grad0[a:b]
-            loss0 = f_d(grad0)  # f_d(0): the FOC term is 0 there
+            if self.reuse_start:  # f_d(0) and its gradient: the start evaluation's sums of share d
+                torch.div(self.start_sums[d][a:b], B, out=grad0)
+                loss0 = self.start_sums[d][-1] / B
+            else:  # f_d(0): the FOC term is 0 there
+                loss0 = f_d(grad0)
+                core.count_evaluation(loss=1, grad=1)
             if not self.on_device:
                 loss0 = float(loss0)
             if self.local_agree is not None:  # the replicas start from their rank 0's f_d(0)
                 loss0 = self.local_agree([loss0])[0]
-            core.count_evaluation(loss=1, grad=1)
             foc = self.foc or self.data_space
             if foc and self.exact_start:  # grad f_d(0) + FOC term = R_d grad f(theta_k), exactly
                 torch.sub(self.global_grad[a:b], grad0, out=self.foc_term[a:b])
@@ -434,7 +471,7 @@ class APTS(Optimizer):
         B, pieces = batch_size(batch), self._world_pieces(batch)  # this rank's shared evaluations
 
         if self.exact_start:  # f(theta_k) and its gradient, a shared evaluation
-            loss_k = float(self._shared_evaluate(pieces, B, comm, self.whole, self.global_grad))
+            loss_k = self._start_evaluation(batch, B, pieces)
             glob.count_evaluation(loss=1, grad=1)
         elif self.foc:  # grad f(theta_k), a shared evaluation of the whole objective
             self._shared_evaluate(pieces, B, comm, self.whole, self.foc_term)

@@ -248,3 +248,27 @@ def test_device_decisions_read_the_device_once_per_local_phase(monkeypatch, kwar
         opt.step(x, y)
         per_phase[decisions] = counts
     assert per_phase == {"host": [11, 11], "device": [1, 1]}
+
+
+@pytest.mark.parametrize("kwargs", [dict(subdomains=3, local_batch="shard", foc=True, micro_batch=15),
+                                    dict(subdomains=2, space="data", global_iters=2)])
+def test_a_shard_local_phase_takes_f_d0_from_the_start_evaluation(kwargs):
+    """With one share per local phase, f_d(0) and its gradient come from the start evaluation's
+    sums of that share: the same iterates and decisions as evaluating the share again (float64,
+    to rounding), and exactly one local evaluation fewer per subdomain and iteration."""
+    model, x, y = problem()
+    other, _, _ = problem()
+    reuse = APTS(model, CE, radius=0.05, **kwargs)
+    again = APTS(other, CE, radius=0.05, **kwargs)
+    assert reuse.reuse_start
+    again.reuse_start = False  # evaluate f_d(0) in the local phase, as without the reuse
+    for _ in range(5):
+        reuse.step(x, y)
+        again.step(x, y)
+        a, b = vars(reuse.report), vars(again.report)
+        assert a["accepted"] == b["accepted"]
+        for key in ("loss", "trial_loss", "final_loss", "pred", "radius"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15), key
+        assert b["local_grad_evals_total"] - a["local_grad_evals_total"] == kwargs["subdomains"]
+        assert b["local_loss_evals_total"] - a["local_loss_evals_total"] == kwargs["subdomains"]
+    assert torch.allclose(flat(model), flat(other), rtol=0, atol=1e-13)
