@@ -64,9 +64,9 @@ def bench_apts(args):
     comm = _world()
     x, y, source = minibatch(args.data)
     model = _model()
+    keywords = {"local_iters": args.local_iters, "global_iters": args.global_iters, **_keywords(args)}
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
-               subdomains=args.subdomains if comm.Get_size() == 1 else None,
-               local_iters=args.local_iters, global_iters=args.global_iters, **_keywords(args))
+               subdomains=args.subdomains if comm.Get_size() == 1 else None, **keywords)
     opt.comm = Comm(comm, measure_wait=comm.Get_size() > 1)  # benchmark only: split wait from transfer
     rows = []
     for k in range(args.warmup + args.iterations):
