@@ -3,6 +3,7 @@ parameters) and a 10,000-image minibatch.
 
     python -m apts_mpi.bench apts --subdomains 2 --out runs/bench/results.jsonl        # serial emulation
     python -m apts_mpi.bench apts --subdomains 2 --option space=data --out runs/bench/results.jsonl
+    python -m apts_mpi.bench apts --subdomains 2 --config configs/mnist-apts-fast-n2.yaml
     mpiexec -n 2 python -m mpi4py -m apts_mpi.bench apts --out runs/bench/results.jsonl
     mpiexec -n 2 python -m mpi4py -m apts_mpi.bench allreduce --out runs/bench/results.jsonl
     python -m apts_mpi.bench baseline --method adam --out runs/bench/results.jsonl
@@ -25,7 +26,6 @@ import time
 import numpy as np
 import torch
 
-from . import options
 from .apts import APTS
 from .comm import Comm
 from .models import build_model, count_parameters
@@ -51,6 +51,21 @@ def _world():
     return MPI.COMM_WORLD
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_options(path) -> dict:
+    """The APTS keywords of the config file ``path`` (validated, defaults filled in), less
+    ``method`` and ``subdomains`` (the benchmark's world sets those): the benchmarks take a
+    config's settings from the file itself, never from a copy."""
+    from .config import load
+    keywords = dict(load(path)["optimizer"])
+    if keywords.pop("method") != "apts":
+        raise SystemExit(f"{path}: not an APTS config")
+    keywords.pop("subdomains")
+    return keywords
+
+
 def _keywords(args) -> dict:
     """The ``--option KEY=VALUE`` APTS keywords (values read as YAML: 0.5, shard, true)."""
     import yaml
@@ -64,7 +79,10 @@ def bench_apts(args):
     comm = _world()
     x, y, source = minibatch(args.data)
     model = _model()
-    keywords = {"local_iters": args.local_iters, "global_iters": args.global_iters, **_keywords(args)}
+    keywords = config_options(args.config) if args.config else {}
+    keywords.update({k: v for k, v in (("local_iters", args.local_iters),
+                                       ("global_iters", args.global_iters)) if v is not None})
+    keywords.update(_keywords(args))
     opt = APTS(model, torch.nn.functional.cross_entropy, comm,
                subdomains=args.subdomains if comm.Get_size() == 1 else None, **keywords)
     opt.comm = Comm(comm, measure_wait=comm.Get_size() > 1)  # benchmark only: split wait from transfer
@@ -92,7 +110,8 @@ def bench_apts(args):
             per_iteration.append(dict(crit, other=other, waiting=max(row["waiting"] for row in ranks)))
         med = {k: statistics.median(row[k] for row in per_iteration) for k in per_iteration[0]}
         label = " ".join([f"APTS MPI N={comm.Get_size()}" if comm.Get_size() > 1
-                          else f"APTS serial N={args.subdomains}", *args.option])
+                          else f"APTS serial N={args.subdomains}",
+                          *([os.path.basename(args.config)] if args.config else []), *args.option])
         return dict(kind="apts", label=label, ranks=comm.Get_size(), subdomains=opt.n_subdomains,
                     parameters=count_parameters(model), data=source, iterations=args.iterations,
                     seconds=med["total"], local=med["local"], comm=med["comm"], waiting=med["waiting"],
@@ -265,12 +284,13 @@ def main(argv=None):
     p.add_argument("--method", choices=("adam", "sgd", "tr", "lbfgs"), default="adam")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    apts_defaults = options.defaults("apts")
-    p.add_argument("--local-iters", type=int, default=apts_defaults["local_iters"])
-    p.add_argument("--global-iters", type=int, default=apts_defaults["global_iters"])
+    p.add_argument("--config", help="apts: take the APTS keywords of this config file")
+    p.add_argument("--local-iters", type=int, help="apts: local iterations (over --config's)")
+    p.add_argument("--global-iters", type=int, help="apts: global iterations (over --config's)")
     p.add_argument("--data", default=os.environ.get("APTS_DATA"))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="apts: an APTS keyword (a YAML value), e.g. local_batch=shard; repeatable")
+                   help="apts: an APTS keyword (a YAML value) over --config's, e.g. local_batch=shard; "
+                        "repeatable")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.what == "summary":

@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from .apts import APTS
+from .bench import CONFIGS, config_options
 from .decomposition import evaluation_costs
 from .models import build_model
 
-MNIST_APTS = dict(acceptance="none", global_iters=1, local_iters=5, local_fraction=0.5)
+# the paper's MNIST setting and the fast config, read from their config files
+MNIST_APTS = config_options(os.path.join(CONFIGS, "mnist-apts-n2.yaml"))
+FAST = config_options(os.path.join(CONFIGS, "mnist-apts-fast-n2.yaml"))
 RESNET_APTS = dict(acceptance="none", global_iters=1)
-# configs/mnist-apts-fast-n2.yaml's options (an eighth of the minibatch per local phase, FOC term)
-FAST = dict(local_fraction=1.0, local_batch=0.125, micro_batch=1250, foc=True, local_iters=12,
-            acceptance="ratio")
 DEVICE = dict(local_decisions="device")  # branch-free local phases, one transfer each
 OPTIONS = {"default": {}, "bf16": dict(autocast="bf16"), "cost": dict(decomposition="cost"),
            "bf16+cost": dict(autocast="bf16", decomposition="cost"), "device": DEVICE,
