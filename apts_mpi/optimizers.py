@@ -182,11 +182,10 @@ class AdamThenLBFGS:
     (strong-Wolfe line search) from where Adam ended.  ``step(closure)``; ``state_dict`` holds the
     step count and both optimisers' states."""
 
-    def __init__(self, params, lr, adam_steps, history_size, max_iter):
+    def __init__(self, params, lr, adam_steps, history_size, max_iter, **tolerances):
         params = list(params)
         self.adam = torch.optim.Adam(params, lr=lr)
-        self.lbfgs = torch.optim.LBFGS(params, history_size=history_size, max_iter=max_iter,
-                                       line_search_fn="strong_wolfe")
+        self.lbfgs = _lbfgs(params, history_size=history_size, max_iter=max_iter, **tolerances)
         self.adam_steps, self.steps = adam_steps, 0
 
     @property
@@ -210,6 +209,13 @@ class AdamThenLBFGS:
         self.lbfgs.load_state_dict(state["lbfgs"])
 
 
+def _lbfgs(params, tolerance_grad=None, tolerance_change=None, **kw):
+    """torch's L-BFGS with the strong-Wolfe line search; a tolerance left null keeps torch's."""
+    given = {k: v for k, v in (("tolerance_grad", tolerance_grad),
+                               ("tolerance_change", tolerance_change)) if v is not None}
+    return torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **kw, **given)
+
+
 def _schedulefree(params, comm, **kw):
     import schedulefree
     optimizer = schedulefree.AdamWScheduleFree(params, **kw)
@@ -231,7 +237,7 @@ BASELINES = {
     "adam": lambda params, comm, **kw: torch.optim.Adam(params, **kw),
     "adamw": lambda params, comm, **kw: torch.optim.AdamW(params, **kw),
     "schedulefree": _schedulefree,
-    "lbfgs": lambda params, comm, **kw: torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **kw),
+    "lbfgs": lambda params, comm, **kw: _lbfgs(params, **kw),
     "adam-lbfgs": lambda params, comm, **kw: AdamThenLBFGS(params, **kw),
 }
 

@@ -105,6 +105,15 @@ TRUST_REGION = (
     Option("memory", 5, int, **POSITIVE_INT, help="pairs kept by a limited-memory model"),
 )
 
+# torch.optim.LBFGS's stopping tests within a step call (null: torch's 1e-7 and 1e-9; 0 runs every
+# iteration of max_iter, e.g. to converge a PINN as far as it goes)
+LBFGS_TOLERANCES = (
+    Option("tolerance_grad", None, (int, float, type(None)), **NONNEGATIVE,
+           help="stop a step call once max |g| <= tolerance_grad (null: torch's 1e-7)"),
+    Option("tolerance_change", None, (int, float, type(None)), **NONNEGATIVE,
+           help="stop a step call once a step or loss change <= tolerance_change (null: torch's 1e-9)"),
+)
+
 METHODS: dict[str, tuple[Option, ...]] = {
     # the engine's constants alone (TrustRegionConfig)
     "trust-region": TRUST_REGION + (
@@ -170,13 +179,13 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("lr", 1.0, NUMBER, **POSITIVE, help="step length scale (strong-Wolfe line search)"),
         Option("history_size", 10, int, **POSITIVE_INT, help="curvature pairs kept"),
         Option("max_iter", 1, int, **POSITIVE_INT, help="iterations per step call"),
-    ),
+    ) + LBFGS_TOLERANCES,
     "adam-lbfgs": (  # the usual PINN schedule: Adam first, then L-BFGS from where Adam ended
         Option("lr", 1e-3, NUMBER, **POSITIVE, help="Adam's learning rate"),
         Option("adam_steps", 1000, int, **at_least(0), help="steps taken with Adam before L-BFGS"),
         Option("history_size", 50, int, **POSITIVE_INT, help="L-BFGS curvature pairs kept"),
         Option("max_iter", 1, int, **POSITIVE_INT, help="L-BFGS iterations per step call"),
-    ),
+    ) + LBFGS_TOLERANCES,
 }
 # the values of the config's optimizer.method (every table but the engine's own constants)
 TRAINABLE = tuple(m for m in METHODS if m != "trust-region")

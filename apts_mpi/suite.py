@@ -63,8 +63,8 @@ def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling"), pinn_itera
     """Every run of the suite; ``quick`` shortens each to a smoke test of the whole pipeline.
 
     ``pinn_iterations``: APTS iterations on the PINN (None: the configs' epochs; Adam then L-BFGS
-    always runs its config's 1000 Adam steps and 500 L-BFGS steps); ``lm_epochs``: epochs of every
-    language-model run."""
+    always runs its config's 1000 Adam steps and 500 L-BFGS steps, its converged reference 1000 and
+    250 with zero tolerances); ``lm_epochs``: epochs of every language-model run."""
     apts_epochs = {} if pinn_iterations is None else {"epochs": pinn_iterations}
     pinn_sets = {"apts": {"epochs": 10} if quick else apts_epochs,
                  "adam-lbfgs": {"epochs": 12, "optimizer.adam_steps": 10} if quick else {}}
@@ -74,8 +74,9 @@ def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling"), pinn_itera
         for s in seeds:
             runs += [Run("pinn", f"apts-n{n}", f"configs/poisson2d-apts-n{n}.yaml", n, s,
                          dict(pinn_sets["apts"])) for n in (2, 4)]
-            runs += [Run("pinn", "adam-lbfgs", "configs/poisson2d-adam-lbfgs.yaml", 1, s,
-                         dict(pinn_sets["adam-lbfgs"]))]
+            runs += [Run("pinn", method, f"configs/poisson2d-{method}.yaml", 1, s,
+                         dict(pinn_sets["adam-lbfgs"]))
+                     for method in ("adam-lbfgs", "adam-lbfgs-converged")]
     if "shakespeare" in only:
         small = {"epochs": lm_epochs} | ({"data.batch_size": 2048} if quick else {})
         for s in seeds:

@@ -58,6 +58,9 @@ def trained(c, tmp_path):
      lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.05)),
     ("adam", {"lr": 3e-3}, lambda p: torch.optim.Adam(p, lr=3e-3)),
     ("sgd", {"lr": 0.05, "momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    ("lbfgs", {"history_size": 5, "max_iter": 3, "tolerance_grad": 0, "tolerance_change": 0.0},
+     lambda p: torch.optim.LBFGS(p, history_size=5, max_iter=3, line_search_fn="strong_wolfe",
+                                 tolerance_grad=0, tolerance_change=0.0)),
 ])
 def test_baseline_equals_torch_optimizer_in_a_plain_loop(tmp_path, method, keywords, make):
     c = cfg(method, **keywords)
@@ -109,6 +112,15 @@ def test_adam_then_lbfgs_switches_after_adam_steps():
         opt.step(closure_of(x, opt))
     solution = torch.linalg.solve(A, b)
     torch.testing.assert_close(x.detach(), solution, rtol=1e-4, atol=1e-5)  # L-BFGS stops at 1e-7 gradients
+    # tolerances 0: the step call runs on past torch's stopping tests, closer to the solution
+    ends = []
+    for tolerances in ({}, {"tolerance_grad": 0, "tolerance_change": 0}):
+        v = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        o = AdamThenLBFGS([v], lr=0.1, adam_steps=0, history_size=10, max_iter=20, **tolerances)
+        o.step(closure_of(v, o))
+        ends.append((o.lbfgs.state[v]["n_iter"], float((v.detach() - solution).abs().max())))
+    (n_default, err_default), (n_zero, err_zero) = ends
+    assert n_zero > n_default and err_default > 1e-7 > err_zero
     state = opt.state_dict()
     again = AdamThenLBFGS([x_ref], lr=0.1, adam_steps=3, history_size=10, max_iter=20)
     again.load_state_dict(state)
