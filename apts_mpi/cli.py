@@ -165,7 +165,7 @@ def _prepare(args, comm):
         raise InputError("--out is empty: give the run folder")
     out = Path(args.out or Path("runs") / cfg["name"])
     opt = cfg["optimizer"]
-    if opt["method"] == "apts":
+    if "replicas" in opt:  # APTS, alone or after Adam
         replicas = opt["replicas"]
         if comm.Get_size() % replicas:
             raise InputError(f"world size {comm.Get_size()} is not divisible by "

@@ -6,7 +6,8 @@ the field names of :data:`RECORD_FIELDS` (NaN or -1 where a method has no such q
 saves and restores its state for checkpoints.  APTS implements it in :mod:`apts_mpi.apts`; the
 baselines (``sgd``, ``adam``, ``adamw``, ``schedulefree``, ``lbfgs``, ``adam-lbfgs``, ``tr``) are :class:`DataParallel`: each rank evaluates
 its share of the minibatch and one Allreduce of a flat [gradient | loss] buffer sums them, so
-every method uses the same ranks.  :func:`build_optimizer` makes the one a config names.
+every method uses the same ranks.  ``adam-apts`` (:class:`AdamThenAPTS`) is the PINN schedule with
+APTS in place of L-BFGS.  :func:`build_optimizer` makes the one a config names.
 """
 from __future__ import annotations
 
@@ -209,6 +210,45 @@ class AdamThenLBFGS:
         self.lbfgs.load_state_dict(state["lbfgs"])
 
 
+class AdamThenAPTS(Optimizer):
+    """``adam_steps`` data-parallel Adam steps, then APTS from where Adam ended: the usual PINN
+    schedule (``adam-lbfgs``) with APTS as its second stage.  APTS reads theta_k from the model at
+    every step, so it starts from Adam's last iterate with its own initial radius."""
+
+    state_per_rank = True  # APTS's local engines live on the ranks that own them
+
+    def __init__(self, model, objective, comm, *, lr, adam_steps, seed=0, example=None, **keywords):
+        from .apts import APTS
+        self.adam = DataParallel(model, objective, torch.optim.Adam(model.parameters(), lr=lr), Comm(comm))
+        self.apts = APTS(model, objective, comm, seed=seed, example=example, **keywords)
+        self.n_subdomains = self.apts.n_subdomains
+        self.adam_steps, self.steps = adam_steps, 0
+
+    @property
+    def stepped(self) -> Optimizer:
+        """The stage that took the last step (Adam before any)."""
+        return self.adam if self.steps <= self.adam_steps else self.apts
+
+    @property
+    def radius(self):
+        return self.apts.radius if self.stepped is self.apts else math.nan
+
+    def step(self, *batch):
+        self.steps += 1
+        return self.stepped.step(*batch)
+
+    def record(self):
+        return self.stepped.record()
+
+    def state_dict(self):
+        return {"steps": self.steps, "adam": self.adam.state_dict(), "apts": self.apts.state_dict()}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        self.adam.load_state_dict(state["adam"])
+        self.apts.load_state_dict(state["apts"])
+
+
 def _lbfgs(params, tolerance_grad=None, tolerance_change=None, **kw):
     """torch's L-BFGS with the strong-Wolfe line search; a tolerance left null keeps torch's."""
     given = {k: v for k, v in (("tolerance_grad", tolerance_grad),
@@ -255,6 +295,8 @@ def build_optimizer(cfg: dict, model, objective, comm, example=None) -> Optimize
     if method == "apts":
         from .apts import APTS
         return APTS(model, objective, comm, seed=cfg["seed"], example=example, **keywords)
+    if method == "adam-apts":
+        return AdamThenAPTS(model, objective, comm, seed=cfg["seed"], example=example, **keywords)
     if method not in BASELINES:
         raise ValueError(f"method must be one of {', '.join(options.TRAINABLE)}; got {method!r}")
     world = Comm(comm)

@@ -151,6 +151,12 @@ METHODS: dict[str, tuple[Option, ...]] = {
                help="local accept/reject and radius on the host, or branch-free on the device (one "
                     "transfer per local phase; first-order local model, replicas 1)"),
     ),
+    # APTS as the second stage of the usual PINN schedule: data-parallel Adam steps first, then
+    # APTS (every keyword of the apts table) from where Adam ended
+    "adam-apts": (
+        Option("lr", 1e-3, NUMBER, **POSITIVE, help="Adam's learning rate"),
+        Option("adam_steps", 1000, int, **at_least(0), help="steps taken with Adam before APTS"),
+    ),
     "tr": TRUST_REGION + (
         Option("model", "first-order", str, **_models, help="model of f: first order or quasi-Newton"),
         Option("max_iters", 1, int, **POSITIVE_INT, help="trust-region iterations per step call"),
@@ -187,6 +193,7 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("max_iter", 1, int, **POSITIVE_INT, help="L-BFGS iterations per step call"),
     ) + LBFGS_TOLERANCES,
 }
+METHODS["adam-apts"] += METHODS["apts"]
 # the values of the config's optimizer.method (every table but the engine's own constants)
 TRAINABLE = tuple(m for m in METHODS if m != "trust-region")
 
@@ -224,7 +231,15 @@ def _apts_rules(v, prefix):
                               f"each local phase uses its shard (got {v['local_batch']!r})")
 
 
-RULES = {"trust-region": _trust_region_rules, "apts": _apts_rules, "tr": _trust_region_rules}
+def _adam_apts_rules(v, prefix):
+    yield from _apts_rules(v, prefix)
+    if v["model_parallel"]:
+        yield "model_parallel", (f"{prefix}model_parallel=true holds one block per rank; the Adam "
+                                 f"stage of adam-apts needs the whole model on every rank")
+
+
+RULES = {"trust-region": _trust_region_rules, "apts": _apts_rules, "tr": _trust_region_rules,
+         "adam-apts": _adam_apts_rules}
 
 
 def options(method: str, config_only: bool = False) -> dict[str, Option]:

@@ -77,6 +77,8 @@ def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling"), pinn_itera
             runs += [Run("pinn", method, f"configs/poisson2d-{method}.yaml", 1, s,
                          dict(pinn_sets["adam-lbfgs"]))
                      for method in ("adam-lbfgs", "adam-lbfgs-converged")]
+            runs += [Run("pinn", f"adam-apts-n{n}", f"configs/poisson2d-adam-apts-n{n}.yaml", n, s,
+                         dict(pinn_sets["adam-lbfgs"])) for n in (2, 4)]
     if "shakespeare" in only:
         small = {"epochs": lm_epochs} | ({"data.batch_size": 2048} if quick else {})
         for s in seeds:

@@ -490,6 +490,8 @@ def bad_input_two_ranks(tmp_path_factory, tr_runs):
     before = folder_state(ckpt)
     results = run_all(tmp, {
         "subdomains": (["train", CONFIG, "--set", "optimizer.subdomains=3", "--out", tmp / "out"], 2),
+        "adam-apts subdomains": (["train", CONFIG, "--set", "optimizer.method=adam-apts", "--set",
+                                  "optimizer.subdomains=4", "--out", tmp / "out"], 2),
         "world size": (["train", CONFIG, "--set", "optimizer.method=tr", *SMALL_BATCH, "--resume",
                         "--out", ckpt], 2)})
     return tmp, results, before, folder_state(ckpt)
@@ -498,6 +500,7 @@ def bad_input_two_ranks(tmp_path_factory, tr_runs):
 def test_two_ranks_print_one_message_and_exit_2(bad_input_two_ranks):
     tmp, results, before, after = bad_input_two_ranks
     assert_one_error_line(results["subdomains"], "subdomains=3", "world has 2")
+    assert_one_error_line(results["adam-apts subdomains"], "subdomains=4", "world has 2")
     assert not (tmp / "out").exists(), "a run folder was left behind"
     assert_one_error_line(results["world size"], "world_size", "is 1", "expected 2")
     assert after == before, "the refused resume changed the checkpoint folder"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from apts_mpi import config
 from apts_mpi.data import MinibatchSampler
 from apts_mpi.objective import SampleLoss
-from apts_mpi.optimizers import RECORD_FIELDS, AdamThenLBFGS
+from apts_mpi import APTS, config
+from apts_mpi.optimizers import RECORD_FIELDS, AdamThenAPTS, AdamThenLBFGS
 from apts_mpi.problems import PROBLEMS
 from apts_mpi.problems.base import Problem
 from apts_mpi.results import read_metrics
@@ -127,9 +127,41 @@ def test_adam_then_lbfgs_switches_after_adam_steps():
     assert again.steps == 6 and again.current is again.lbfgs
 
 
-@pytest.mark.parametrize("method", ["schedulefree", "adam-lbfgs", "adamw"])
+def test_adam_then_apts_is_adam_then_apts_from_adams_last_iterate(tmp_path):
+    """The loop's adam-apts against torch's Adam for ``adam_steps`` batches, then a separate APTS
+    (serial emulation, 2 subdomains) stepped on the following batches from where Adam ended."""
+    apts_keywords = {"subdomains": 2, "local_iters": 3, "radius": 0.05, "max_radius": 0.5}
+    c = cfg("adam-apts", lr=3e-3, adam_steps=4, **apts_keywords)
+    mine, epochs, ex = trained(c, tmp_path)
+    assert isinstance(ex.optimizer, AdamThenAPTS) and ex.optimizer.n_subdomains == 2
+    problem = PROBLEMS[c["data"]["dataset"]](c, torch.device("cpu"), torch.float64)
+    torch.manual_seed(c["seed"])
+    model = problem.build_model()
+    adam, apts = torch.optim.Adam(model.parameters(), lr=3e-3), None
+    sampler = MinibatchSampler(problem.n_train, c["data"]["batch_size"], c["data"]["overlap"], c["seed"])
+    steps = [idx for epoch in range(c["epochs"]) for idx in sampler.epoch_batches(epoch)]
+    assert len(steps) > 6
+    for k, idx in enumerate(steps):
+        x, y = problem.batch(idx)
+        if k < 4:
+            adam.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            adam.step()
+        else:
+            apts = apts or APTS(model, torch.nn.functional.cross_entropy, None, seed=c["seed"], **apts_keywords)
+            apts.step(x, y)
+    torch.testing.assert_close(mine, torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
+                               rtol=1e-10, atol=1e-12)
+    iterations, _, _ = read_metrics(tmp_path / "run" / "metrics.h5")
+    assert np.isnan(iterations["radius"][:4]).all() and np.isfinite(iterations["radius"][4:]).all()
+    assert (iterations["grad_evals"][:4] == 1).all() and (iterations["grad_evals"][4:] > 1).all()
+    assert ex.optimizer.radius == apts.radius
+
+
+@pytest.mark.parametrize("method", ["schedulefree", "adam-lbfgs", "adamw", "adam-apts"])
 def test_resume_is_bitwise_for_the_new_baselines(tmp_path, method):
-    keywords = {"adam_steps": 5} if method == "adam-lbfgs" else {}
+    keywords = {"adam-lbfgs": {"adam_steps": 5},
+                "adam-apts": {"adam_steps": 3, "subdomains": 2}}.get(method, {})
     whole = cfg(method, **keywords)
     trained(whole, tmp_path / "whole")
     first = config.resolve({**SMALL, "epochs": 1, "optimizer": {"method": method, **keywords}})

@@ -39,6 +39,8 @@ def test_every_keyword_is_checked_with_one_message_naming_it(method):
     ("sgd", {"lr": 0}, ["lr must be > 0"]),
     ("adam-lbfgs", {"adam_steps": -3}, ["adam_steps must be an integer >= 0"]),
     ("adam", {"momentum": 0.9}, ["momentum: unknown key"]),
+    ("adam-apts", {"model_parallel": True, "decomposition": "stages"}, ["adam-apts needs the whole model"]),
+    ("adam-apts", {"local_fraction": 2}, ["local_fraction must lie in (0, 1]"]),
 ])
 def test_rules(method, given, words):
     with pytest.raises(options.OptionError) as err:
