@@ -101,12 +101,17 @@ def as_batch(batch: tuple) -> tuple:
 
 
 class DataParallel(Optimizer):
-    """A torch optimiser stepped on the ranks' shares of a minibatch, gradients summed by Allreduce."""
+    """A torch optimiser stepped on the ranks' shares of a minibatch, gradients summed by Allreduce.
+
+    ``shares``: on one process, evaluate the minibatch in this many shares, summed in rank order, as
+    a run on that many ranks sums them (the serial emulation of an N-rank run, as APTS's)."""
 
     state_per_rank = False
 
-    def __init__(self, model, objective, optimizer, comm: Comm):
+    def __init__(self, model, objective, optimizer, comm: Comm, shares: int = 1):
         self.model, self.objective, self.optimizer, self.comm = model, as_objective(objective), optimizer, comm
+        self.shares = list(range(shares)) if comm.size == 1 else [comm.rank]
+        self.n_shares = shares if comm.size == 1 else comm.size
         self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
         self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
         self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
@@ -118,15 +123,18 @@ class DataParallel(Optimizer):
     def closure(self, *batch):
         batch = as_batch(batch)
         B = batch_size(batch)
-        part = share(batch, self.comm.rank, self.comm.size)
+        parts = [share(batch, p, self.n_shares) for p in self.shares]
 
         def closure():
             self.optimizer.zero_grad(set_to_none=False)
-            loss = self.objective(self.model, part)
-            loss.backward()
+            loss = 0
+            for part in parts:  # gradients accumulate over the shares
+                term = self.objective(self.model, part)
+                term.backward()
+                loss = loss + term.detach()
             n = self.whole.numel
             self.whole.gather(self.buffer[:n], grad=True)
-            self.buffer[n] = loss.detach()
+            self.buffer[n] = loss
             self.comm.allreduce_(self.buffer)
             self.buffer.div_(B)
             self.whole.scatter(self.buffer[:n], grad=True)
@@ -219,8 +227,10 @@ class AdamThenAPTS(Optimizer):
 
     def __init__(self, model, objective, comm, *, lr, adam_steps, seed=0, example=None, **keywords):
         from .apts import APTS
-        self.adam = DataParallel(model, objective, torch.optim.Adam(model.parameters(), lr=lr), Comm(comm))
         self.apts = APTS(model, objective, comm, seed=seed, example=example, **keywords)
+        # on one process the Adam steps sum the shares of the N-rank run too (its serial emulation)
+        self.adam = DataParallel(model, objective, torch.optim.Adam(model.parameters(), lr=lr),
+                                 Comm(comm), shares=self.apts.n_shares)
         self.n_subdomains = self.apts.n_subdomains
         self.adam_steps, self.steps = adam_steps, 0
 

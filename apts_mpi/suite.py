@@ -6,8 +6,8 @@
 Runs, each a config of ``configs/`` (resumed where a checkpoint exists), as many at once as
 ``--cores`` allows (a run of r ranks takes r cores):
 
-* **PINN** (2-D Poisson): APTS N = 2 and 4 against Adam-then-L-BFGS, every seed; target: relative
-  L2 error <= 1e-3.
+* **PINN** (2-D Poisson): APTS N = 2 and 4, alone and after 1000 Adam steps (``adam-apts``),
+  against Adam-then-L-BFGS, every seed; target: relative L2 error <= 1e-3.
 * **Tiny Shakespeare** (small GPT): APTS N = 2, Schedule-Free AdamW, an AdamW learning-rate sweep
   (every seed) and an SGD-with-momentum sweep (first seed); target: the final validation loss of the
   best AdamW of the sweep.
@@ -62,9 +62,10 @@ def plan(seeds, quick=False, only=("pinn", "shakespeare", "scaling"), pinn_itera
          lm_epochs=4) -> list[Run]:
     """Every run of the suite; ``quick`` shortens each to a smoke test of the whole pipeline.
 
-    ``pinn_iterations``: APTS iterations on the PINN (None: the configs' epochs; Adam then L-BFGS
-    always runs its config's 1000 Adam steps and 500 L-BFGS steps, its converged reference 1000 and
-    250 with zero tolerances); ``lm_epochs``: epochs of every language-model run."""
+    ``pinn_iterations``: APTS iterations on the PINN (None: the configs' epochs; the two-stage
+    schedules always run their configs' epochs: Adam then L-BFGS 1000 Adam steps and 500 L-BFGS
+    steps, its converged reference 1000 and 250 with zero tolerances, Adam then APTS 1000 Adam steps
+    and at most 150 APTS iterations); ``lm_epochs``: epochs of every language-model run."""
     apts_epochs = {} if pinn_iterations is None else {"epochs": pinn_iterations}
     pinn_sets = {"apts": {"epochs": 10} if quick else apts_epochs,
                  "adam-lbfgs": {"epochs": 12, "optimizer.adam_steps": 10} if quick else {}}

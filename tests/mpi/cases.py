@@ -7,7 +7,8 @@ parameters, the accept sequence, the largest difference between any rank's param
 and rank 0's, and between any rank's per-iteration report values and rank 0's.
 ``tests/test_mpi.py`` compares them with :func:`run_case` on one process (serial emulation).
 
-Case keywords that are not APTS keywords: ``batchnorm`` (a batch-norm layer in the network) and
+Case keywords that are not APTS keywords: ``batchnorm`` (a batch-norm layer in the network),
+``adam_steps`` (``adam-apts``: that many data-parallel Adam steps before the APTS iterations) and
 ``perturb`` (on the ranks that are not their group's rank 0, every Allreduce returns a loss off by
 a random 1e-2: MPI does not promise bitwise identical reductions on every rank, pmodels/mpich#6538;
 exaggerated here so that a decision taken on a rank's own value would differ).
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from apts_mpi import APTS
+from apts_mpi.optimizers import AdamThenAPTS
 
 torch.set_num_threads(1)
 ITERATIONS = 5
@@ -84,6 +86,9 @@ def cases(world):
         # the package's other problems: a PINN (input derivatives by autograd) and a GPT
         out[f"N{n}-pinn"] = (n, dict(problem="pinn", micro_batch=20))
         out[f"N{n}-gpt"] = (n, dict(problem="gpt"))
+        # APTS after Adam steps: on one process the Adam steps sum the N-rank run's shares too
+        out[f"N{n}-adam-apts"] = (n, dict(problem="pinn", adam_steps=3, local_model="lbfgs",
+                                         global_model="lbfgs", global_iters=3))
         # stochastic local phases: each subdomain its own shard, or a seeded half of the pieces
         out[f"N{n}-shard-foc"] = (n, dict(local_batch="shard", foc=True))
         out[f"N{n}-half-pieces"] = (n, dict(local_batch=0.5, micro_batch=30, foc=True))
@@ -130,8 +135,15 @@ def run_case(kwargs, subdomains, comm=None, vary_data=False, batchnorm=False, fu
     else:
         model, x, y = problem(rank=rank, vary_data=vary_data, batchnorm=batchnorm)
         batch, objective = (x, y), torch.nn.functional.cross_entropy
-    opt = APTS(model, objective, comm,
-               subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3, **CONSTANTS, **kwargs)
+    adam_steps = kwargs.pop("adam_steps", 0)
+    kwargs.update(subdomains=subdomains if comm is None or comm.Get_size() == 1 else None, seed=3)
+    if adam_steps:
+        both = AdamThenAPTS(model, objective, comm, lr=1e-2, adam_steps=adam_steps, **CONSTANTS, **kwargs)
+        for _ in range(adam_steps):
+            both.step(batch)
+        opt = both.apts
+    else:
+        opt = APTS(model, objective, comm, **CONSTANTS, **kwargs)
     if perturbed and comm is not None and opt.group.rank != 0:
         perturb(opt, rank)
     accepted, reported = [], []  # per iteration: APTS step accepted, global-pass steps accepted
