@@ -187,12 +187,13 @@ def _problem_table(runs, metric, mode, target, work_of):
         evals = [e["grad_evals"][-1] for _, e, _ in series]
         seconds = [e["seconds"][-1] for _, e, _ in series]
         work = [work_of(a, e) for _, e, a in series]
-        row = dict(method=method, seeds=len(series), epochs=int(series[0][1]["epoch"][-1]),
+        ran = sorted({int(e["epoch"][-1]) for _, e, _ in series})  # runs stopped at the target differ
+        row = dict(method=method, seeds=len(series), epochs=ran[-1],
                    final=final, best=best, reached=len(reached),
                    to_target_seconds=[h[1] for h in reached], to_target_evals=[h[2] for h in reached],
                    grad_evals=evals, gradient_work=work, seconds=seconds)
         numbers.append(row)
-        rows.append([method, str(len(series)), str(row["epochs"]),
+        rows.append([method, str(len(series)), "-".join(map(str, sorted({ran[0], ran[-1]}))),
                      _mean_std(final, "{:.4g}"), _mean_std(best, "{:.4g}"),
                      f"{len(reached)}/{len(series)}",
                      _mean_std(row["to_target_seconds"], "{:.0f}") if reached else "-",
