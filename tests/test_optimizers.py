@@ -10,9 +10,9 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from apts_mpi import APTS, config
 from apts_mpi.data import MinibatchSampler
 from apts_mpi.objective import SampleLoss
-from apts_mpi import APTS, config
 from apts_mpi.optimizers import RECORD_FIELDS, AdamThenAPTS, AdamThenLBFGS
 from apts_mpi.problems import PROBLEMS
 from apts_mpi.problems.base import Problem
