@@ -6,7 +6,11 @@ attributes: the caller's ``meta`` (attribute convention of :mod:`apts_mpi.result
 ``complete = True``.  The first 512 bytes are an HDF5 user block (HDF5 skips it) holding
 ``apts_mpi checkpoint v1``, the SHA-256 and the size of the rest of the file; it is checked before
 libhdf5 parses anything, because a damaged HDF5 header can abort the process inside the HDF5
-library instead of raising.  The file is written atomically by rank 0.
+library instead of raising.  The file is written atomically by rank 0: the HDF5 image is built in
+memory (no HDF5 library call touches the disk, so a full disk cannot leave HDF5 half-written or
+print "Exception ignored" and go on), written with plain ``os.write`` calls (any error raises
+:class:`~apts_mpi.results.files.WriteError`), fsync-ed, read back and verified (its SHA-256 and
+every node's), and only then renamed over the previous checkpoint, which stays in place otherwise.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ import h5py
 import numpy as np
 import torch
 
-from .files import (INT64_MAX, INT64_MIN, ResultsError, atomic_write, check_name, decode_attr,
-                    encode_attr)
+from .files import (INT64_MAX, INT64_MIN, ResultsError, WriteError, atomic_write, check_name,
+                    decode_attr, encode_attr, hdf5_image, write_bytes)
 
 __all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint"]
 
@@ -209,20 +213,30 @@ def save_checkpoint(path, payload: dict, meta: dict) -> None:
     _encode(payload, _PAYLOAD, records, {})
     digest = _digest(records, {k: decode_attr(v) for k, v in encoded_meta.items()})
 
-    def write(tmp):
-        with h5py.File(tmp, "w", track_order=True, userblock_size=_HEADER_SIZE) as f:
-            for path_, tj, arr in records:
-                _write_record(f, path_, tj, arr)
-            for k, v in encoded_meta.items():
-                f.attrs[k] = v
-            f.attrs["format"] = _CHECKPOINT_FORMAT
-            f.attrs["format_version"] = _CHECKPOINT_VERSION
-            f.attrs["sha256"] = digest
-            f.flush()
-            f.attrs["complete"] = True  # last
-        _seal(tmp)
+    with hdf5_image(userblock_size=_HEADER_SIZE) as (f, image):
+        for path_, tj, arr in records:
+            _write_record(f, path_, tj, arr)
+        for k, v in encoded_meta.items():
+            f.attrs[k] = v
+        f.attrs["format"] = _CHECKPOINT_FORMAT
+        f.attrs["format_version"] = _CHECKPOINT_VERSION
+        f.attrs["sha256"] = digest
+        f.attrs["complete"] = True  # last
+    body = image()
+    file_digest = hashlib.sha256(body).hexdigest()
+    header = f"{_HEADER_MAGIC}\nsha256 {file_digest}\nsize {len(body)}\n".encode("ascii")
 
-    atomic_write(path, write)
+    def verify(tmp):  # read back from the file system: the whole file's hash, then every node's
+        try:
+            if _check_seal(tmp) != file_digest:
+                raise ResultsError("its SHA-256 differs from that of the bytes written")
+            load_checkpoint(tmp)
+        except ResultsError as exc:
+            raise WriteError(f"{path}: the checkpoint read back is not the one written ({exc})") \
+                from exc
+
+    atomic_write(path, lambda tmp: write_bytes(tmp, header.ljust(_HEADER_SIZE, b"\x00"), body),
+                 verify=verify)
 
 
 def _file_digest(fh, start: int) -> tuple:
@@ -244,7 +258,7 @@ def _seal(path) -> None:
         fh.flush()
 
 
-def _check_seal(path: str) -> None:
+def _check_seal(path: str) -> str:
     """Verify the header before libhdf5 parses anything: a damaged HDF5 superblock or object
     header can crash the HDF5 library itself (seen as a glibc abort), not just raise."""
     try:
@@ -266,6 +280,7 @@ def _check_seal(path: str) -> None:
     if m["sha256"].decode() != digest:
         raise ResultsError(f"{path}: corrupt checkpoint: file SHA-256 digest {digest} does not "
                            f"match the header's {m['sha256'].decode()}")
+    return digest
 
 
 class _Corrupt(Exception):

@@ -1,8 +1,9 @@
 """Files of a run folder: atomic replacement and the HDF5 attribute convention.
 
-Every results file is written atomically (:func:`atomic_write`): into ``.<name>.tmp-<pid>`` in the
-same folder, closed (h5py flushes), ``os.fsync``-ed, ``os.replace``-d over the target, then the
-folder is fsync-ed.  A crash at any moment leaves the old complete file or the new complete file,
+Every results file is written atomically (:func:`atomic_write`): built in memory
+(:func:`hdf5_image`), written into ``.<name>.tmp-<pid>`` in the same folder with plain ``os.write``
+(:func:`write_bytes`), ``os.fsync``-ed, read back and checked, ``os.replace``-d over the target,
+then the folder is fsync-ed.  Any failure (a full disk included) raises :class:`WriteError`.  A crash at any moment leaves the old complete file or the new complete file,
 and on any exception the temporary file is removed.
 
 Attribute convention (metrics ``attrs`` and checkpoint ``meta``; :func:`encode_attr`,
@@ -32,10 +33,12 @@ import contextlib
 import errno
 import json
 import os
+import sys
 
+import h5py
 import numpy as np
 
-__all__ = ["ResultsError", "atomic_write", "encode_attr", "decode_attr", "check_name",
+__all__ = ["ResultsError", "WriteError", "atomic_write", "write_bytes", "hdf5_image", "encode_attr", "decode_attr", "check_name",
            "INT64_MIN", "INT64_MAX"]
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -44,6 +47,11 @@ _JSON_MARKER = "json:"
 
 class ResultsError(RuntimeError):
     """A results file is missing, corrupt, partial, or belongs to another run configuration."""
+
+
+class WriteError(ResultsError):
+    """A results file could not be written (a full disk, an I/O error, a read-back that differs);
+    the file it was to replace is untouched."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,11 +78,13 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path, write, verify=None) -> None:
     """Call ``write(tmp)`` to produce the complete file at ``tmp``, then make it ``path``.
 
-    ``write`` must have closed (hence flushed) the file when it returns.  On any exception the
-    temporary file is removed and ``path`` is untouched.
+    ``write`` must have closed (hence flushed) the file when it returns; the file is then fsync-ed
+    and ``verify(tmp)``, if given, reads it back (raising to refuse it) before the rename.  On any
+    exception the temporary file is removed and ``path`` is untouched; an ``OSError`` (a full
+    disk, an I/O error) is raised as :class:`WriteError` naming ``path`` and the reason.
     """
     path = os.path.abspath(os.fspath(path))
     tmp = _tmp_path(path)
@@ -85,13 +95,60 @@ def atomic_write(path, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(os.path.dirname(path))
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
-    _fsync_dir(os.path.dirname(path))
 
+
+def write_bytes(path, *chunks) -> None:
+    """Write ``chunks`` to a new file ``path`` with plain ``os.write`` calls: a full disk raises
+    ``OSError`` here and now (not later, in a close nobody checks)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hdf5_image(**kwargs):
+    """``with hdf5_image() as (f, image):`` an HDF5 file ``f`` built in memory (the core driver
+    without a backing store: nothing reaches the disk); after the block ``image()`` gives its
+    bytes (without the user block, which the caller writes in front of them).
+
+    An error that HDF5 reports only through a destructor (h5py prints "Exception ignored" and goes
+    on) is made fatal: it is raised as :class:`WriteError` when the block ends."""
+    ignored = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if "h5py" in str(unraisable.object):
+            ignored.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    result = []
+    sys.unraisablehook = hook
+    try:
+        with h5py.File("apts_mpi-image", "w", driver="core", backing_store=False,
+                       track_order=True, **kwargs) as f:
+            yield f, lambda: result[0]
+            f.flush()
+            result.append(f.id.get_file_image())
+    finally:
+        sys.unraisablehook = previous
+    if ignored:
+        raise WriteError(f"HDF5 failed while building a results file: {ignored[0]}")
 
 
 # --------------------------------------------------------------------------------------------

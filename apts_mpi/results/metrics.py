@@ -3,7 +3,8 @@
 ``/iterations/<series>`` and ``/epochs/<series>``: one 1-D dataset per series, float64, int64 or
 bool, equal lengths within a group.  Run attributes are root attributes, stored by the attribute
 convention of :mod:`apts_mpi.results.files`.  The file is rewritten whole, atomically, by rank 0
-(h5py is serial, so there is no MPI here).
+(h5py is serial, so there is no MPI here): built in memory, written, read back and checked, then
+renamed (:mod:`apts_mpi.results.files`); a failure raises ``WriteError`` and keeps the old file.
 
 Series the report reads (:mod:`apts_mpi.results.report`)
 ---------------------------------------------------------
@@ -17,12 +18,14 @@ resolved configuration, a dict), ``world_size``, ``device``.  Any of them may be
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import h5py
 import numpy as np
 
-from .files import INT64_MAX, ResultsError, atomic_write, check_name, decode_attr, encode_attr
+from .files import (INT64_MAX, ResultsError, WriteError, atomic_write, check_name, decode_attr,
+                    encode_attr, hdf5_image, write_bytes)
 
 __all__ = ["METRICS_FILE", "write_metrics", "read_metrics"]
 
@@ -66,16 +69,23 @@ def write_metrics(path, iterations: dict, epochs: dict, attrs: dict) -> None:
         groups[gname] = arrays
     encoded = {k: encode_attr(k, v) for k, v in attrs.items()}
 
-    def write(tmp):
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for gname, arrays in groups.items():
-                g = f.create_group(gname, track_order=True)
-                for name, arr in arrays.items():
-                    _write_series(g, name, arr)
-            for k, v in encoded.items():
-                f.attrs[k] = v
+    with hdf5_image() as (f, image):
+        for gname, arrays in groups.items():
+            g = f.create_group(gname, track_order=True)
+            for name, arr in arrays.items():
+                _write_series(g, name, arr)
+        for k, v in encoded.items():
+            f.attrs[k] = v
+    body = image()
 
-    atomic_write(path, write)
+    def verify(tmp):  # read back from the file system: the same bytes, a readable metrics file
+        with open(tmp, "rb") as fh:
+            same = hashlib.sha256(fh.read()).digest() == hashlib.sha256(body).digest()
+        if not same:
+            raise WriteError(f"{path}: the metrics file read back differs from the one written")
+        read_metrics(tmp)
+
+    atomic_write(path, lambda tmp: write_bytes(tmp, body), verify=verify)
 
 
 def read_metrics(path):
