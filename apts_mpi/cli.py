@@ -15,6 +15,10 @@ Exit statuses of ``train``:
   and every rank exits with status 2 (no MPI abort, nothing left behind).
 * 3: a run that cannot go on (a non-finite loss, a radius stuck at its minimum for
   ``stall_iterations`` iterations) writes its metrics, prints ``apts-mpi: stopped: ...`` once.
+* 74 (EX_IOERR): a results file could not be written (a full disk, an I/O error): the run stops at
+  once on every rank and prints ``apts-mpi: stopped: ...`` once, naming the file, the reason and
+  the checkpoint kept.  A checkpoint never replaces the previous one unless it was written whole
+  and read back intact, so ``--resume`` continues from the last good one once there is room.
 * 75 (EX_TEMPFAIL): stopped, resumable.  SIGTERM (a SLURM time limit, pre-emption, requeue,
   scancel) or SIGUSR1 (``sbatch --signal=USR1@SECONDS``) on any rank: every rank finishes its
   iteration, a checkpoint is written (mid-epoch if need be) and ``--resume`` continues the run
@@ -219,7 +223,7 @@ def _agreed(comm, step):
 
 def _cmd_train(args):
     from mpi4py import MPI
-    from .train import Experiment, TrainingStopped, train
+    from .train import EXIT_WRITE_FAILED, Experiment, TrainingStopped, WriteFailed, train
 
     comm = MPI.COMM_WORLD
     stop = StopRequest().install()  # from here a SIGTERM/SIGUSR1 stops the run resumably
@@ -237,6 +241,18 @@ def _cmd_train(args):
         _fail(str(e), comm, status=3, what="stopped")
     except Preempted as e:  # raised on every rank at the same iteration
         _fail(str(e), comm, status=EXIT_RESUMABLE, what="stopped")
+    except WriteFailed as e:  # raised on every rank at the same point
+        kept = _kept_checkpoint(out) if comm.Get_rank() == 0 else ""
+        _fail(f"{e}; {kept}", comm, status=EXIT_WRITE_FAILED, what="stopped")
+
+
+def _kept_checkpoint(out):
+    """What a run whose write failed leaves to resume from, as one phrase."""
+    try:
+        epoch = load_checkpoint(out / CHECKPOINT_FILE)[0]["epoch"]
+    except ResultsError:
+        return "no checkpoint to resume from: make room, then run it again"
+    return f"the checkpoint of epoch {epoch} is kept: make room, then continue with --resume"
 
 
 def _cmd_report(args):

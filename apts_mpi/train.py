@@ -27,6 +27,7 @@ from .optimizers import RECORD_FIELDS, build_optimizer
 from .preemption import Preempted, StopRequest
 from .problems import PROBLEMS
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
+from .results.files import WriteError
 
 log = logging.getLogger("apts_mpi")
 ITERATION_SERIES = ("epoch", *RECORD_FIELDS, "seconds")
@@ -37,6 +38,28 @@ EPOCH_SERIES = ("epoch", "loss", "seconds", "accepted", "rejected", "nonfinite",
 
 class TrainingStopped(RuntimeError):
     """A run that cannot go on (non-finite loss, stalled radius); metrics are written, all ranks raise."""
+
+
+EXIT_WRITE_FAILED = 74  # EX_IOERR (sysexits.h): a results file could not be written
+
+
+class WriteFailed(RuntimeError):
+    """Rank 0 could not write a results file (a full disk, an I/O error); every rank raises it at
+    the same point.  The previous checkpoint is intact and resumable."""
+
+
+def _written(comm, write):
+    """Collective: rank 0 calls ``write()`` (other ranks do not); if it raises ``WriteError``, every
+    rank raises :class:`WriteFailed` with its message."""
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            write()
+        except WriteError as e:
+            error = str(e)
+    error = comm.bcast(error, root=0) if comm.Get_size() > 1 else error
+    if error is not None:
+        raise WriteFailed(error)
 
 
 class Experiment:
@@ -89,11 +112,12 @@ def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, *
     """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
     opt_state = ex.optimizer.checkpoint_state(comm)
     model_state = ex.optimizer.model_state(ex.model, comm)  # gathered where ranks hold blocks
-    if comm.Get_rank() == 0:
+    def write():
         payload = {"model": model_state, "sampler": ex.sampler.state_dict(),
                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
                    "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
         save_checkpoint(path, payload, meta)
+    _written(comm, write)
 
 
 def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None,
@@ -213,8 +237,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                 attrs["stopped"] = stopped or (f"reached {_metric_name(ex.target_metric)} "
                                                f"{metrics[ex.target_metric]:.4f} "
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
-            if save or stopped:  # a stopped run keeps its last complete checkpoint
-                write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+        if save or stopped:  # a stopped run keeps its last complete checkpoint
+            _written(comm, lambda: write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs))
         if save:  # the same on every rank: the gather is collective
             _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs)
         if rank == 0:
