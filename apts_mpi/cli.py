@@ -27,7 +27,9 @@ Exit statuses of ``train``:
 A run folder is held by one run at a time: rank 0 holds an ``flock`` on the folder while the run
 lives (the kernel drops it when the process dies, so a killed run never blocks the next).  An
 empty run folder (a run killed before its first checkpoint) is taken up again by a plain run and
-by ``--resume``.
+by ``--resume``, and so is one holding only ``metrics.h5`` (killed between its first metrics and
+its first checkpoint).  A run removes only the folders it created itself, and only while they are
+empty: never a parent that holds another run's folder or lock.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ import argparse
 import fcntl
 import logging
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -45,6 +46,7 @@ from .errors import InputError
 from .preemption import EXIT_RESUMABLE, Preempted, StopRequest
 from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, plot_runs,
                       read_metrics, report_table)
+from .results.files import remove_leftovers
 
 # the project's own input errors (config, data, options, checkpoint, world size, device, output
 # folder): one line and exit 2; anything else is a fault of the program and keeps its traceback
@@ -62,24 +64,34 @@ class RunFolder:
 
     def __init__(self, out: Path, resume: bool):
         self.out, self.created, self.fresh = out, False, not resume
+        self.made = []  # the folders this run created, deepest last: all it may remove again
         if resume and not out.is_dir():
             raise InputError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE} (no such folder)")
-        # the outermost folder this run creates, removed again if the set-up fails
-        self.top = next((p for p in [out, *out.parents] if p.parent.exists()), out)
         try:
-            out.mkdir(parents=True)
-            self.created = True
-        except FileExistsError:
-            if not out.is_dir():
-                raise InputError(f"output {out} exists and is not a folder") from None
+            for folder in reversed([out, *out.parents]):
+                if not folder.exists():
+                    try:
+                        folder.mkdir()
+                        self.made.append(folder)
+                    except FileExistsError:  # made by another run meanwhile: not ours
+                        pass
+            self.created = bool(self.made) and self.made[-1] == out
         except OSError as e:
+            self.abandon()
             raise InputError(f"output folder {out} cannot be created: {e.strerror}") from None
+        if not out.is_dir():
+            self.abandon()
+            raise InputError(f"output {out} exists and is not a folder")
         self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"run folder {out} is in use by another run (it holds the folder's "
                              "lock): wait for it to end, or choose another --out") from None
+        here, locked = os.stat(out), os.fstat(self.fd)
+        if (here.st_dev, here.st_ino) != (locked.st_dev, locked.st_ino):
+            raise InputError(f"run folder {out} was replaced while this run locked it: another "
+                             "process is working there; choose another --out")
         if not os.access(out, os.W_OK | os.X_OK):
             self.abandon()
             raise InputError(f"output folder {out} is not writable")
@@ -90,10 +102,14 @@ class RunFolder:
         if not resume and (self.out / CHECKPOINT_FILE).exists():
             raise InputError(f"output folder {self.out} exists (pass --resume to continue it, or "
                              "choose another --out)")
-        # under the lock nothing else writes here: temporary files are leftovers of a kill
-        for leftover in self.out.glob(".*.tmp-*"):
-            leftover.unlink()
-        if not any(self.out.iterdir()):  # a run killed before its first checkpoint: start again
+        # under the lock nothing else writes here: temporary files are leftovers of a kill (those
+        # of a process still alive on this host are left alone all the same)
+        remove_leftovers(self.out)
+        names = {p.name for p in self.out.iterdir()}
+        if names <= {METRICS_FILE}:  # a run killed before its first checkpoint: start again
+            # (metrics.h5 is written just before the checkpoint; alone it continues nothing)
+            if names:
+                (self.out / METRICS_FILE).unlink()
             self.fresh = True
         elif resume and not (self.out / CHECKPOINT_FILE).exists():
             raise InputError(f"--resume: no checkpoint at {self.out / CHECKPOINT_FILE}")
@@ -102,10 +118,15 @@ class RunFolder:
                              "choose another --out)")
 
     def abandon(self):
-        """Remove the folder if this run created it (a set-up step failed; nothing is left behind)."""
-        if self.created:
-            shutil.rmtree(self.top, ignore_errors=True)
-            self.created = False
+        """Remove the folders this run created (a set-up step failed; nothing is left behind), the
+        deepest first, each only while it is empty: never a folder that another run has put its
+        own run folder (and lock) in, nor anything this run did not make."""
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.made, self.created = [], False
 
 
 def _fail(message, comm=None, status=2, what="error"):
@@ -196,6 +217,9 @@ def _prepare(args, comm):
             if meta.get("world_size") != comm.Get_size():
                 raise InputError(f"{path}: checkpoint meta 'world_size' is {meta.get('world_size')!r}, "
                                  f"expected {comm.Get_size()!r}")
+            if type(payload.get("epoch")) is not int:  # a crafted file with valid digests
+                raise InputError(f"{path}: checkpoint holds no epoch number (epoch "
+                                 f"{payload.get('epoch')!r}): not a checkpoint of a run")
             if payload["epoch"] > cfg["epochs"]:  # else the run would end at once, silently
                 raise InputError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
                                  f"past epochs={cfg['epochs']}")
@@ -232,6 +256,8 @@ def _cmd_train(args):
     experiment = _agreed(comm, lambda: Experiment(cfg, comm))  # device, data, model
     _agreed(comm, experiment.problem.check_finite)  # a damaged file, a fault on one node
     _agreed(comm, experiment.build)  # the optimiser (APTS splits communicators: all ranks here)
+    if resume:  # a checkpoint whose content does not fit: one line on every rank, not a traceback
+        _agreed(comm, lambda: experiment.restore(out / CHECKPOINT_FILE))
     if comm.Get_rank() == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.Get_size(), out)
@@ -268,6 +294,17 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors printed by rank 0 only when several ranks were launched."""
 
     def error(self, message):
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            # `python -m mpi4py` initialised MPI and would turn the SystemExit into an MPI_Abort
+            # ("Abort(2) on node i" lines); every rank parsed the same argv and fails here
+            if mpi.COMM_WORLD.Get_rank() == 0:
+                self.print_usage(sys.stderr)
+                print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+            mpi.COMM_WORLD.Barrier()
+            mpi.Finalize()
+            sys.stdout.flush()
+            os._exit(2)
         if _launched_rank() != 0:
             sys.exit(2)
         super().error(message)

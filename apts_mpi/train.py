@@ -26,8 +26,9 @@ from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
 from .preemption import Preempted, StopRequest
 from .problems import PROBLEMS
-from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
-from .results.files import WriteError
+from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, save_checkpoint,
+                      write_metrics)
+from .results.files import WriteError, remove_leftovers
 
 log = logging.getLogger("apts_mpi")
 ITERATION_SERIES = ("epoch", *RECORD_FIELDS, "seconds")
@@ -88,6 +89,7 @@ class Experiment:
         torch.manual_seed(cfg["seed"])
         self.model = self.problem.build_model()
         self.optimizer = None
+        self.restored = None  # (payload, iterations, epochs) of a checkpoint, after restore()
 
     def build(self):
         cfg = self.cfg
@@ -99,6 +101,41 @@ class Experiment:
         self.sampler = MinibatchSampler(self.problem.n_train, cfg["data"]["batch_size"],
                                         cfg["data"]["overlap"], cfg["seed"])
         return self
+
+    def restore(self, checkpoint) -> None:
+        """Load ``checkpoint`` into the model, the optimiser, the sampler and torch's RNG (after
+        :meth:`build`; no collective).  A checkpoint of another config or world size, or one whose
+        content does not fit this run (a damaged or crafted file that still carries valid
+        digests), raises ``ResultsError`` naming the file and the problem."""
+        meta = {"config_hash": configuration.digest(self.cfg), "world_size": self.comm.Get_size()}
+        payload, _ = load_checkpoint(checkpoint, expect=meta)
+        try:
+            self.optimizer.load_model_state(self.model, payload["model"])
+            self.optimizer.load_checkpoint_state(payload["optimizer"], self.comm.Get_rank())
+            self.sampler.load_state_dict(payload["sampler"])
+            torch.set_rng_state(payload["rng"]["torch"])
+            if type(payload["epoch"]) is not int or not 0 <= payload["epoch"] <= self.cfg["epochs"]:
+                raise ValueError(f"epoch {payload['epoch']!r} is not in [0, epochs]")
+            float(payload["seconds"])
+            # series added since the checkpoint was written start as zeros
+            saved_iterations, saved_epochs = payload["iterations"], payload["epochs"]
+            n_it, n_ep = len(saved_iterations["loss"]), len(saved_epochs["epoch"])
+            iterations = {k: [float(v) for v in saved_iterations.get(k, [0.0] * n_it)]
+                          for k in ITERATION_SERIES}
+            epochs = {k: [float(v) for v in saved_epochs.get(k, [0.0] * n_ep)]
+                      for k in dict.fromkeys(EPOCH_SERIES + tuple(self.problem.metrics))}
+            if {len(v) for v in iterations.values()} != {n_it} or \
+                    {len(v) for v in epochs.values()} != {n_ep}:
+                raise ValueError("its series differ in length")
+            if "totals" in payload and (type(payload["totals"]) is not dict
+                                        or type(payload["stall"]) is not int):
+                raise ValueError("its totals or stall count are not a dict and an int")
+        except ResultsError:
+            raise
+        except Exception as e:  # anything the file holds that this run cannot take
+            raise ResultsError(f"{checkpoint}: checkpoint does not fit this run: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+        self.restored = payload, iterations, epochs
 
     def reached(self, metrics: dict) -> bool:
         """Whether the epoch's metrics reach the target (never without one)."""
@@ -144,17 +181,15 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     start_epoch, elapsed = 0, 0.0
     checkpoint = out_dir / CHECKPOINT_FILE
     if resume:
-        payload, _ = load_checkpoint(checkpoint, expect=meta)
-        optimizer.load_model_state(model, payload["model"])
-        optimizer.load_checkpoint_state(payload["optimizer"], rank)
-        sampler.load_state_dict(payload["sampler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        # series added since the checkpoint was written start as zeros
-        saved_iterations, saved_epochs = payload["iterations"], payload["epochs"]
-        iterations = {k: list(saved_iterations.get(k, [0.0] * len(saved_iterations["loss"])))
-                      for k in iterations}
-        epochs = {k: list(saved_epochs.get(k, [0.0] * len(saved_epochs["epoch"]))) for k in epochs}
+        if ex.restored is None:
+            ex.restore(checkpoint)
+        payload, iterations, epochs = ex.restored
         start_epoch, elapsed = int(payload["epoch"]), float(payload["seconds"])
+        if epochs["epoch"] and ex.reached({ex.target_metric: epochs[ex.target_metric][-1]}):
+            if rank == 0:  # resuming a finished run: nothing to train (not one epoch more)
+                log.info("the run in %s reached its target at epoch %d: nothing to train", out_dir,
+                         start_epoch)
+            return epochs
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)  # the CLI creates and locks it beforehand
 
@@ -172,8 +207,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     if resume and "totals" in payload:  # a mid-epoch checkpoint (a requested stop)
         totals, stall = {k: int(v) for k, v in payload["totals"].items()}, int(payload["stall"])
     if resume and rank == 0:  # temporary files of a write that a kill interrupted
-        for leftover in out_dir.glob(".*.tmp-*"):
-            leftover.unlink()
+        remove_leftovers(out_dir)  # (not those of a process still alive)
     min_radius = cfg["optimizer"].get("min_radius")
     for epoch in range(start_epoch, cfg["epochs"]):
         t_epoch = time.perf_counter()

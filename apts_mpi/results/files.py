@@ -38,7 +38,7 @@ import sys
 import h5py
 import numpy as np
 
-__all__ = ["ResultsError", "WriteError", "atomic_write", "write_bytes", "hdf5_image", "encode_attr", "decode_attr", "check_name",
+__all__ = ["ResultsError", "WriteError", "atomic_write", "write_bytes", "hdf5_image", "remove_leftovers", "encode_attr", "decode_attr", "check_name",
            "INT64_MIN", "INT64_MAX"]
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -105,6 +105,33 @@ def atomic_write(path, write, verify=None) -> None:
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def remove_leftovers(folder) -> list:
+    """Remove the temporary files (``.<name>.tmp-<pid>``) that killed writers left in ``folder``;
+    the file of a process still alive on this host, or of this process, stays.  Returns the
+    paths removed."""
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        head, sep, pid = entry.rpartition(".tmp-")
+        if not (entry.startswith(".") and sep and head and pid.isdigit()):
+            continue
+        if int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+    return removed
 
 
 def write_bytes(path, *chunks) -> None:
