@@ -180,10 +180,8 @@ def _config_difference(cfg, out):
                                     for k in keys)
 
 
-def _prepare(args, comm):
-    """Validate everything that can be checked before training; returns the resolved config, the
-    run folder and whether the run resumes a checkpoint."""
-    global _held
+def _configure(args, comm):
+    """The resolved config and the run folder's path, checked against the world (no file touched)."""
     cfg = configuration.load(args.config, args.set)
     _check_slurm(comm.Get_size())
     if args.out is not None and not args.out.strip():
@@ -202,6 +200,13 @@ def _prepare(args, comm):
         import torch
         if not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for, but torch finds no CUDA device")
+    return cfg, out
+
+
+def _take_folder(args, comm, cfg, out):
+    """Rank 0 creates or takes up the run folder and locks it, and checks the checkpoint a resume
+    starts from; returns whether the run resumes a checkpoint (on rank 0)."""
+    global _held
     resume = args.resume
     if comm.Get_rank() == 0:
         _held = RunFolder(out, args.resume)  # created or locked, or refused with one line
@@ -226,7 +231,7 @@ def _prepare(args, comm):
         elif args.resume:
             log.info("%s holds no checkpoint (the run was stopped before its first): starting "
                      "from epoch 0", out)
-    return cfg, out, resume
+    return resume
 
 
 def _agreed(comm, step):
@@ -251,11 +256,13 @@ def _cmd_train(args):
 
     comm = MPI.COMM_WORLD
     stop = StopRequest().install()  # from here a SIGTERM/SIGUSR1 stops the run resumably
-    cfg, out, resume = _agreed(comm, lambda: _prepare(args, comm))
-    resume = comm.bcast(resume, root=0)  # rank 0 looked at the folder
+    cfg, out = _agreed(comm, lambda: _configure(args, comm))
+    # the problem judges the values (data, sizes, ranges) before the run folder is made
     experiment = _agreed(comm, lambda: Experiment(cfg, comm))  # device, data, model
     _agreed(comm, experiment.problem.check_finite)  # a damaged file, a fault on one node
     _agreed(comm, experiment.build)  # the optimiser (APTS splits communicators: all ranks here)
+    resume = _agreed(comm, lambda: _take_folder(args, comm, cfg, out))
+    resume = comm.bcast(resume, root=0)  # rank 0 looked at the folder
     if resume:  # a checkpoint whose content does not fit: one line on every rank, not a traceback
         _agreed(comm, lambda: experiment.restore(out / CHECKPOINT_FILE))
     if comm.Get_rank() == 0:

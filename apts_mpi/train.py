@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, config as configuration
+from .checks import check_dtype_range, check_overlap
 from .comm import Comm, select_device
 from .data import MinibatchSampler
 from .errors import InputError
@@ -86,6 +87,9 @@ class Experiment:
                 raise InputError(f"target_accuracy is for classification; data set "
                                  f"{cfg['data']['dataset']!r} reports {metric}: set target instead")
             self.target = cfg["target_accuracy"] if self.target is None else self.target
+        # values judged against this problem: the model's dtype, the number of samples
+        check_dtype_range(cfg["optimizer"], getattr(torch, cfg["model"]["dtype"]), "optimizer.")
+        check_overlap(self.problem.n_train, cfg["data"]["batch_size"], cfg["data"]["overlap"])
         torch.manual_seed(cfg["seed"])
         self.model = self.problem.build_model()
         self.optimizer = None

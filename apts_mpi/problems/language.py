@@ -155,6 +155,15 @@ def gpt_parameter_count(vocab: int, layers: int, width: int, context: int) -> in
     return 2 * vocab * d + context * d + 2 * d + layers * (12 * d * d + 13 * d)
 
 
+def min_text_length(context: int) -> int:
+    """The fewest characters whose splits give one training window of ``context + 1`` characters
+    and a validation split of at least ``context + 1`` (one whole window of targets)."""
+    n = 2 * (context + 1)
+    while (int(TRAIN_FRACTION * n) - 1) // context < 1 or n - int(TRAIN_FRACTION * n) < context + 1:
+        n += 1
+    return n
+
+
 def read_text(path: Path) -> str:
     """The UTF-8 text of ``path``; DataError (one line) if missing, unreadable or not UTF-8."""
     if not path.is_file():
@@ -198,10 +207,15 @@ class LanguageProblem(Problem):
         cut = int(TRAIN_FRACTION * len(tokens))
         self.train_tokens, self.val_tokens = tokens[:cut].to(device), tokens[cut:].to(device)
         self.n_train = (len(self.train_tokens) - 1) // self.context
-        if self.n_train < 1 or len(self.val_tokens) < 2:
-            raise DataError(f"{path} is too short: {len(text)} characters give {self.n_train} "
-                            f"training windows of {self.context + 1} and {len(self.val_tokens)} "
-                            f"validation characters (need >= 1 and >= 2)")
+        if self.n_train < 1 or len(self.val_tokens) < self.context + 1:
+            raise DataError(f"{path} is too short for data.context={self.context}: {len(text)} "
+                            f"characters give {self.n_train} training windows of "
+                            f"{self.context + 1} and {len(self.val_tokens)} validation characters "
+                            f"(need >= 1 window and >= {self.context + 1} characters, so at least "
+                            f"{min_text_length(self.context)} characters, or a smaller data.context)")
+        if len(self.chars) < 2:
+            raise DataError(f"{path} holds a single distinct character ({self.chars[0]!r}): there "
+                            "is nothing to predict (the loss would be 0 from the start)")
         self.objective = SampleLoss(F.cross_entropy)
         # the validation split in consecutive windows of `context` targets, the last one shorter
         self.val_starts = torch.arange(0, len(self.val_tokens) - self.context, self.context)

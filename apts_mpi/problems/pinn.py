@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_memory
 from ..objective import Objective
 from .base import Problem
 
@@ -120,6 +121,9 @@ class PoissonProblem(Problem):
                               f"got {cfg['model']['name']!r}")
         n_i = cfg["data"].get("interior_points", N_INTERIOR)
         n_b = cfg["data"].get("boundary_points", N_BOUNDARY)
+        # the float64 draw, the points in the model's dtype, the boundary mask
+        need = (n_i + n_b) * (2 * 8 + 2 * dtype.itemsize + 8 + 1)
+        check_memory(need, f"data.interior_points={n_i}, data.boundary_points={n_b}", device)
         generator = torch.Generator().manual_seed(cfg["seed"])
         interior = torch.rand(n_i, 2, generator=generator, dtype=torch.float64)
         self.points = torch.cat([interior, boundary_points(n_b)]).to(device, dtype)
