@@ -9,6 +9,7 @@ A config has four sections; every key has a default, so a file names only what d
     target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
     stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
+    watchdog_s: null            # no progress for this long: exit 75 (null: automatic, 0: off)
     data:      {dataset: digits, root: null, download: false, batch_size: 100000, overlap: 0.0}
     model:     {name: mlp-digits, head: logits, dtype: float32}
     optimizer: {method: apts, ...keywords of that method...}
@@ -85,6 +86,9 @@ TOP = {
     "target": (None, (float, int, type(None)), None),
     "stall_iterations": (100, int, _positive),
     "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
+    # seconds without progress before a rank ends the run for a requeue (apts_mpi/watchdog.py);
+    # null: 10 x the slowest iteration, at least 5 minutes; 0: off
+    "watchdog_s": (None, (float, int, type(None)), (lambda v: v >= 0, ">= 0 (0: off)")),
 }
 DATA = {
     "dataset": ("digits", str, (lambda v: v in PROBLEMS, f"one of {', '.join(DATASETS)}")),
@@ -206,7 +210,8 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations")
+RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations",
+             "watchdog_s")
 
 
 def digest(config: dict) -> str:
