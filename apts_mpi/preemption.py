@@ -26,6 +26,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self.received = 0  # how many of SIGNALS came (the watchdog asks)
 
     def install(self):
         """Handle :data:`SIGNALS` from now on (call it before the set-up, so that a signal that
@@ -36,6 +37,7 @@ class StopRequest:
 
     def _record(self, signum, frame):
         self.signum = self.signum or signum
+        self.received += 1
 
     def agreed(self, comm) -> str | None:
         """Collective: the name of the signal some rank received (the largest number), or None."""

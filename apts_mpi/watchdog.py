@@ -14,10 +14,11 @@ the status the job scripts requeue on, so that the job resumes from its last che
 * The checkpoint stays intact: rank 0 writes its files while holding :meth:`Watchdog.writing`, and
   the watchdog takes that lock before it ends the process, so it never ends one inside a write
   (the writes are atomic besides: a temporary file renamed into place).
-* One line: every rank that stalls waits, and rank 0 reports first; the other ranks wait
-  ``GRACE_S`` more, so that the launcher, which ends the job's other ranks once one exits with a
-  non-zero status (``srun --kill-on-bad-exit``, ``mpiexec``), ends them before they print.  Where
-  rank 0 itself is lost, the survivors report.
+* One line: every rank stalls, and rank 0 reports first; the other ranks wait ``GRACE_S`` more,
+  so that the launcher, which ends the job's other ranks once one exits with a non-zero status
+  (``srun --kill-on-bad-exit``, ``mpiexec``), ends them before they print: with SIGKILL, or with
+  SIGTERM (``signals``: the count of SIGTERM/SIGUSR1 received), on which they exit 75 at once and
+  say nothing.  Where rank 0 itself is lost, the survivors report.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ class Watchdog:
     rank (named in the line).  ``exit`` and ``stream``: how the process ends and where the line goes.
     """
 
-    def __init__(self, seconds: float | None, rank: int = 0, *, exit=os._exit, stream=None):
+    def __init__(self, seconds: float | None, rank: int = 0, *, signals=lambda: 0, exit=os._exit,
+                 stream=None):
         self.fixed = None if seconds is None else float(seconds)
-        self.rank = rank
+        self.rank, self._signals = rank, signals
         self._exit, self._stream = exit, stream
         self.slowest = 0.0
         self.iteration = 0  # the iteration being run (1-based; 0: before the first)
@@ -96,8 +98,15 @@ class Watchdog:
             waited = time.monotonic() - self._last
             if waited <= self.limit:
                 continue
-            if self.rank != 0 and self._done.wait(GRACE_S):
-                return  # rank 0 reports; a launcher ends this rank meanwhile
+            if self.rank != 0:  # rank 0 reports; a launcher ends this rank meanwhile
+                before, grace_end = self._signals(), time.monotonic() + GRACE_S
+                while time.monotonic() < grace_end and self._signals() == before:
+                    if self._done.wait(0.1):
+                        return
+                if self._signals() != before:  # the launcher ends the job: quietly
+                    with self._write:
+                        self._exit(EXIT_RESUMABLE)
+                        return
             with self._write:  # not inside a file write; the lock is never given back
                 stream = sys.stderr if self._stream is None else self._stream
                 print(f"apts-mpi: error: watchdog: iteration {self.iteration} ({self.where}) made no "

@@ -130,3 +130,17 @@ def test_a_stopped_rank_ends_the_launch_for_a_requeue(tmp_path):
     assert 3 <= took < 20, f"the launch ended {took:.1f} s after rank 1 stopped"
     payload, meta = load_checkpoint(run / "checkpoint.h5")
     assert payload["epoch"] >= 1 and meta["world_size"] == 2
+
+
+def test_other_ranks_end_quietly_when_the_launcher_signals():
+    """srun --kill-on-bad-exit sends SIGTERM to the other ranks once rank 0 exited: they end at
+    once with the requeue status and print nothing."""
+    exited, lines, signals = Exited(), Lines(), [0]
+    dog = Watchdog(0.2, rank=1, signals=lambda: signals[0], exit=exited, stream=lines).start()
+    time.sleep(0.6)  # past the limit: waiting for rank 0's report
+    signals[0] += 1
+    deadline = time.monotonic() + 3
+    while not exited and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dog.stop()
+    assert [status for status, _ in exited] == [EXIT_RESUMABLE] and not lines, (exited, lines)
