@@ -118,7 +118,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     comm = ex.comm
     # a collective that never returns (a lost node or link) ends the run for a requeue
     watchdog = Watchdog(cfg.get("watchdog_s") if comm.Get_size() > 1 else 0, comm.Get_rank(),
-                        signals=(lambda: stop.received) if stop is not None else (lambda: 0)).start()
+                        signals=stop.delivered if stop is not None else (lambda: 0)).start()
     try:
         return _train(cfg, out_dir, ex, resume, stop, watchdog)
     finally:

@@ -17,8 +17,8 @@ the status the job scripts requeue on, so that the job resumes from its last che
 * One line: every rank stalls, and rank 0 reports first; the other ranks wait ``GRACE_S`` more,
   so that the launcher, which ends the job's other ranks once one exits with a non-zero status
   (``srun --kill-on-bad-exit``, ``mpiexec``), ends them before they print: with SIGKILL, or with
-  SIGTERM (``signals``: the count of SIGTERM/SIGUSR1 received), on which they exit 75 at once and
-  say nothing.  Where rank 0 itself is lost, the survivors report.
+  SIGTERM (``signals``: the count of signals delivered, :meth:`StopRequest.delivered`), on which
+  they exit 75 at once and say nothing.  Where rank 0 itself is lost, the survivors report.
 """
 from __future__ import annotations
 
