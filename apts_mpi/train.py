@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, config as configuration
+from . import config as configuration
+from ._version import __version__
 from .comm import Comm, select_device
 from .data import MinibatchSampler
 from .errors import InputError
