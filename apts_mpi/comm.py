@@ -59,24 +59,43 @@ def select_device(comm, request: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+class Traffic:
+    """What the collectives of a communicator cost: seconds in them, seconds waiting, bytes passed."""
+
+    def __init__(self):
+        self.seconds = self.waiting = 0.0
+        self.bytes = 0
+
+
 class Comm:
     """Collectives on torch tensors over one mpi4py communicator.
 
     ``seconds`` and ``bytes`` accumulate the time in, and the payload passed to, every collective.
     With ``measure_wait`` (benchmarks only: it adds a barrier per collective) the time spent waiting
     for the slowest rank is counted apart, in ``waiting``.
+
+    ``comm`` is an mpi4py communicator, None (``COMM_SELF``), or a ``Comm``: then this is a second
+    handle on the same communicator with the same counters and the same ``measure_wait``, so that
+    a benchmark that hands an optimiser its ``Comm`` reads what the optimiser moved.
     """
 
     def __init__(self, comm=None, measure_wait: bool = False):
-        if isinstance(comm, Comm):  # the same communicator, its own counters
+        if isinstance(comm, Comm):
+            self.traffic, measure_wait = comm.traffic, measure_wait or comm.measure_wait
             comm = comm.comm
+        else:
+            self.traffic = Traffic()
         self.comm = comm if comm is not None else MPI.COMM_SELF
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.cuda_aware = cuda_aware()
         self.measure_wait = measure_wait
-        self.seconds = self.waiting = 0.0
-        self.bytes = 0
         self._host = {}
+
+    seconds = property(lambda self: self.traffic.seconds,
+                       lambda self, v: setattr(self.traffic, "seconds", v))
+    waiting = property(lambda self: self.traffic.waiting,
+                       lambda self, v: setattr(self.traffic, "waiting", v))
+    bytes = property(lambda self: self.traffic.bytes, lambda self, v: setattr(self.traffic, "bytes", v))
 
     def _wait(self):
         if self.measure_wait:

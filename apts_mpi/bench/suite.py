@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import format_table, plot_runs, read_metrics
+from ..results import plot_runs, read_metrics
+from ..tables import format_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 SGD_LRS = (0.03, 0.1, 0.3, 1.0)
 
