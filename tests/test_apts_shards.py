@@ -7,7 +7,7 @@ from apts_mpi import APTS, TrustRegion
 from apts_mpi.objective import Objective
 from apts_mpi.trust_region import TrustRegionCore
 
-from test_apts import flat, problem
+from conftest import flat, problem
 
 CE = torch.nn.functional.cross_entropy
 

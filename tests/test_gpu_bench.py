@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,6 +17,7 @@ def run(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quick_run_on_the_cpu(tmp_path):
     proc = run("--device", "cpu", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,7 @@ from apts_mpi.config import resolve
 from apts_mpi.errors import ConfigError
 from apts_mpi.data import DataError
 from apts_mpi.problems.language import GPT_SIZES, LanguageProblem, gpt
-from parts import PartComm
+from conftest import PartComm
 
 TEXT = "".join(f"line {i}: to be, or not to be? {'ABCxyz'[i % 6]}\n" for i in range(12))
 

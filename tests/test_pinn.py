@@ -9,7 +9,7 @@ import torch
 from apts_mpi.config import resolve
 from apts_mpi.errors import ConfigError
 from apts_mpi.problems.pinn import PoissonProblem
-from parts import PartComm
+from conftest import PartComm
 
 
 def make_problem(n_i=40, n_b=12, seed=0, dtype=torch.float64, name="pinn-mlp"):
