@@ -1,5 +1,5 @@
-"""The package's import graph, read from the source (nothing is imported): no cycle, and no import
-that runs back up the package hierarchy.
+"""The package's import graph, read from the source (nothing is imported): no cycle, no import
+that runs back up the package hierarchy, and mpi4py imported by the communication layer alone.
 
 Every ``import``/``from ... import`` of an ``apts_mpi`` module counts, also one inside a function (a
 deferred import hides a cycle, it does not remove it).  "Back up" means a module that imports
@@ -119,3 +119,14 @@ def test_no_import_cycle():
 def test_no_import_runs_back_up_the_package():
     found = upward_imports()
     assert not found, "imports of an enclosing package: " + ", ".join(f"{m} -> {t}" for m, t in found)
+
+
+def test_only_the_communication_layer_imports_mpi4py():
+    """Every MPI call goes through apts_mpi/comm.py (a second backend is then one new class)."""
+    modules = _modules()
+    found = sorted(name for name, path in modules.items() if name != "apts_mpi.comm" and any(
+        (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mpi4py" for a in node.names))
+        or (isinstance(node, ast.ImportFrom) and not node.level
+            and (node.module or "").split(".")[0] == "mpi4py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))))
+    assert not found, "modules importing mpi4py besides apts_mpi.comm: " + ", ".join(found)
