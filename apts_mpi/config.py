@@ -87,7 +87,8 @@ TOP = {o.name: o for o in (
     Option("device", "auto", str, **options.choice("auto", "cpu", "cuda")),
 )}
 DATA = {o.name: o for o in (
-    Option("dataset", "digits", str, **options.choice(*DATASETS)),
+    Option("dataset", "digits", str, check=lambda v: v in PROBLEMS,  # the registry as it is now
+           rule=f"must be one of {', '.join(DATASETS)}"),
     Option("root", None, (str, type(None))),
     Option("download", False, bool),
     Option("batch_size", 100000, int, **_POSITIVE),
