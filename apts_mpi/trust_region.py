@@ -39,14 +39,45 @@ CAUCHY_FRACTION = 0.1     # a quasi-Newton step must give >= 0.1 x the Cauchy de
 ROUNDING = 10.0           # |actual|, |pred| <= 10 eps max(1, |f|): rho = 1 (Conn, Gould, Toint 17.4.2)
 
 
-def update_radius(radius: float, rho: float, *, eta1: float, eta2: float, decrease: float,
+def _where(condition, a, b):
+    """``a if condition else b`` for host values; ``torch.where`` for device tensors (branch-free)."""
+    if isinstance(condition, torch.Tensor):
+        return torch.where(condition, a, b)
+    return a if condition else b
+
+
+def _floor(value, low):
+    return value.clamp(min=low) if isinstance(value, torch.Tensor) else max(value, low)
+
+
+def _ceiling(value, high):
+    return value.clamp(max=high) if isinstance(value, torch.Tensor) else min(value, high)
+
+
+def ratio(actual, pred, finite, loss, eps: float):
+    """rho = actual / predicted decrease, the rule written once (docs/method.md section 4).
+
+    rho = -inf when ``finite`` is False (a non-finite trial, or no decrease predicted); rho = 1 when
+    the actual and the predicted decrease are both at rounding level, |actual|, |pred| <=
+    10 eps max(1, |f|) with f = ``loss`` and eps that of the parameters' dtype (Conn, Gould, Toint
+    section 17.4.2).  Host floats (the host engine, the coordinator) or float64 device tensors
+    (:meth:`TrustRegionCore.run_on_device`): the same float64 operations either way.
+    """
+    rounding = _floor(abs(loss), 1.0) * (ROUNDING * eps)
+    at_rounding = (abs(actual) <= rounding) & (abs(pred) <= rounding)
+    quotient = actual / pred if isinstance(pred, torch.Tensor) or pred else math.nan
+    return _where(finite, _where(at_rounding, 1.0, quotient), -math.inf)
+
+
+def update_radius(radius, rho, *, eta1: float, eta2: float, decrease: float,
                   increase: float, min_radius: float, max_radius: float,
-                  step_norm: float | None = None) -> float:
+                  step_norm: float | None = None):
     """The radius rule, written once (docs/method.md section 4; Nocedal & Wright Alg. 4.1).
 
     ``step_norm`` is ||s|| in the trust-region norm; None means the step reached the boundary
     (||s|| = radius, every first-order step).  A step counts as reaching it when
-    ||s|| >= 0.8 radius (SciPy's ``hits_boundary``, N&W Alg. 6.2).
+    ||s|| >= 0.8 radius (SciPy's ``hits_boundary``, N&W Alg. 6.2).  Host floats, or float64 device
+    tensors for ``radius`` and ``rho`` (branch-free, :meth:`TrustRegionCore.run_on_device`).
 
     ====================================  ===========================================
     rho                                   new radius
@@ -57,11 +88,12 @@ def update_radius(radius: float, rho: float, *, eta1: float, eta2: float, decrea
     rho > eta2, ||s|| < 0.8 radius        radius (an interior step says nothing about it)
     ====================================  ===========================================
     """
-    if not rho >= eta1:  # also catches NaN
-        return max(decrease * (radius if step_norm is None else min(radius, step_norm)), min_radius)
-    if rho > eta2 and (step_norm is None or step_norm >= BOUNDARY_FRACTION * radius):
-        return min(increase * radius, max_radius)
-    return radius
+    shrunk = _floor(decrease * (radius if step_norm is None else min(radius, step_norm)), min_radius)
+    grow = rho > eta2
+    if step_norm is not None:
+        grow = grow and step_norm >= BOUNDARY_FRACTION * radius
+    kept = _where(grow, _ceiling(increase * radius, max_radius), radius)
+    return _where(rho >= eta1, kept, shrunk)  # not rho >= eta1 also catches NaN
 
 
 class TrustRegionConfig:
@@ -258,13 +290,7 @@ class TrustRegionCore:
         |actual|, |pred| <= 10 eps max(1, |f|) (Conn, Gould, Toint section 17.4.2); the radius rule
         sees ``self.step_norm`` (set by ``run``).
         """
-        tol = ROUNDING * torch.finfo(self.step.dtype).eps * max(1.0, abs(self.loss))
-        if not finite:
-            rho = float("-inf")
-        elif abs(actual) <= tol and abs(pred) <= tol:
-            rho = 1.0
-        else:
-            rho = actual / pred
+        rho = ratio(actual, pred, finite, self.loss, torch.finfo(self.step.dtype).eps)
         accept = finite and rho >= self.config.eta1
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule(),
                                           step_norm=self.step_norm)
@@ -363,7 +389,7 @@ class TrustRegionCore:
         grad_current = going.clone()
         tally = torch.zeros(3, **f64)  # accepted, rejected, non-finite trials
         rho_last = torch.tensor(self.counters.rho, **f64)
-        tol = ROUNDING * torch.finfo(s.dtype).eps  # times max(1, |f|): ratio_decision's rounding level
+        eps = torch.finfo(s.dtype).eps  # ratio's rounding level
         if box is not None:
             if self.offset is None:
                 self.offset = torch.zeros_like(self.grad)
@@ -389,14 +415,10 @@ class TrustRegionCore:
             finite = torch.isfinite(trial)
             if need_grad:
                 finite &= torch.isfinite(norm(self.trial_grad, math.inf))
-            actual = loss - trial
-            rounding = loss.abs().clamp(min=1.0) * tol
-            rho = torch.where((actual.abs() <= rounding) & (pred.abs() <= rounding), 1.0, actual / pred)
-            rho = torch.where(finite, rho, -math.inf)
+            rho = ratio(loss - trial, pred, finite, loss, eps)
             good = rho >= cfg.eta1
             accept = going & finite & good
-            grown = torch.where(rho > cfg.eta2, (radius * cfg.increase).clamp(max=cfg.max_radius), radius)
-            updated = torch.where(good, grown, (radius * cfg.decrease).clamp(min=cfg.min_radius))
+            updated = update_radius(radius, rho, **cfg.radius_rule())
             at_floor = radius <= cfg.min_radius
             radius = torch.where(going, updated, radius)
             tally += torch.stack([accept, going & ~accept, going & ~finite])
