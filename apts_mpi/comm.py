@@ -155,6 +155,42 @@ class Comm:
         return self._scalars(lambda a: self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), values)
 
 
+    # -- small control messages, sub-communicators and point-to-point (APTS's parts, the pipe) ----
+    def split(self, color, key) -> "Comm":
+        """The ranks with the same ``color`` (ordered by ``key``) as a new Comm; collective."""
+        return Comm(self.comm.Split(color, key), self.measure_wait)
+
+    def gather(self, value, root: int = 0):
+        """A small picklable value from every rank, as a list on ``root`` (None elsewhere)."""
+        return self.comm.gather(value, root=root)
+
+    def allgather(self, value) -> list:
+        """A small picklable value from every rank, as a list on every rank."""
+        return self.comm.allgather(value)
+
+    def bcast_object(self, value, root: int = 0):
+        """A small picklable value from ``root``."""
+        return self.comm.bcast(value, root=root)
+
+    def max_scalar(self, value: float) -> float:
+        """The largest of one float over the ranks."""
+        return self.comm.allreduce(float(value), op=MPI.MAX)
+
+    def send_object(self, value, dest: int) -> None:
+        self.comm.send(value, dest=dest)
+
+    def recv_object(self, source: int):
+        return self.comm.recv(source=source)
+
+    def send_(self, tensor: torch.Tensor, dest: int) -> None:
+        """A contiguous host tensor to ``dest`` (blocking ``Send``)."""
+        self.comm.Send(tensor.numpy(), dest=dest)
+
+    def recv_(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """Into a contiguous host tensor from ``source`` (blocking ``Recv``)."""
+        self.comm.Recv(tensor.numpy(), source=source)
+        return tensor
+
 class BufferSync:
     """Broadcast a model's buffers (batch-norm running statistics and counters) from rank 0.
 
