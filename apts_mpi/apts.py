@@ -167,10 +167,14 @@ def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleN
             counts += [cuts[j + 1] - cuts[j] for j in range(replicas)]
             displs += cuts[:-1]
         combiner = SumCombiner(comm, counts, displs, reports=rank % replicas == 0)
+    local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
+    if local_phase.on_device and not all(core.solver.device for core in local.values()):
+        raise InputError(f"local_decisions='device' needs a step formed on the device; "
+                         f"step={o['step']!r} is not")
     return SimpleNamespace(
         config=config, whole=whole, theta=theta, subdomains=subdomains, offsets=offsets,
         slices={d: (0, n) if data_space else (offsets[d], offsets[d + 1]) for d in owned},
-        local={d: TrustRegionCore(parts[d], local_config) for d in owned}, global_core=glob,
+        local=local, global_core=glob,
         group=group, n_subdomains=n_subdomains, n_shares=evaluator.n_shares, replicas=replicas, subdomain_id=subdomain_id,
         gradient_k=gradient_k, evaluator=evaluator, local_phase=local_phase, combiner=combiner,
         coordinator=Coordinator(comm, config, o["acceptance"], o["window"], whole.dtype))
