@@ -57,7 +57,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import options
+from . import model_parallel, options
 from .comm import Comm
 from .decomposition import Subdomain, decompose
 from .errors import InputError
@@ -212,10 +212,7 @@ class APTS(Optimizer):
     def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
         o = options.resolve("apts", keywords)
         self.model, self.objective, self.comm = model, as_objective(objective), Comm(comm)
-        if o["model_parallel"]:  # block d on rank d only
-            from .model_parallel import build_parts as build
-        else:
-            build = build_parts
+        build = model_parallel.build_parts if o["model_parallel"] else build_parts  # block d on rank d
         vars(self).update(vars(build(model, self.objective, self.comm, o, seed, example)))
         self.local_iters, self.global_iters = o["local_iters"], o["global_iters"]
         self.params_held = self.evaluator.params_held

@@ -155,40 +155,41 @@ class Comm:
         return self._scalars(lambda a: self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), values)
 
 
-    # -- small control messages, sub-communicators and point-to-point (APTS's parts, the pipe) ----
-    def split(self, color, key) -> "Comm":
-        """The ranks with the same ``color`` (ordered by ``key``) as a new Comm; collective."""
-        return Comm(self.comm.Split(color, key), self.measure_wait)
+    # -- small pickled control messages, the communicator's structure, point-to-point (the names
+    # and signatures of the communication layer's full set, of which APTS's parts use these)
+    def allgather_object(self, value) -> list:
+        """Every rank's ``value`` (picklable, small), in rank order, on every rank."""
+        return [value] if self.size == 1 else self.comm.allgather(value)
 
-    def gather(self, value, root: int = 0):
-        """A small picklable value from every rank, as a list on ``root`` (None elsewhere)."""
-        return self.comm.gather(value, root=root)
-
-    def allgather(self, value) -> list:
-        """A small picklable value from every rank, as a list on every rank."""
-        return self.comm.allgather(value)
+    def gather_object(self, value, root: int = 0) -> list | None:
+        """Every rank's ``value`` in rank order on ``root``; None elsewhere."""
+        return [value] if self.size == 1 else self.comm.gather(value, root=root)
 
     def bcast_object(self, value, root: int = 0):
-        """A small picklable value from ``root``."""
-        return self.comm.bcast(value, root=root)
+        """``root``'s ``value`` (picklable, small) on every rank."""
+        return value if self.size == 1 else self.comm.bcast(value, root=root)
 
-    def max_scalar(self, value: float) -> float:
-        """The largest of one float over the ranks."""
-        return self.comm.allreduce(float(value), op=MPI.MAX)
+    def split(self, color: int, key: int = 0) -> "Comm":
+        """Collective: a Comm over the ranks that pass the same ``color``, ordered by ``key``
+        (MPI_Comm_split)."""
+        return Comm(self.comm.Split(color, key), measure_wait=self.measure_wait)
 
-    def send_object(self, value, dest: int) -> None:
-        self.comm.send(value, dest=dest)
+    def send(self, value, dest: int, tag: int = 0) -> None:
+        """Point-to-point: a small picklable ``value`` to rank ``dest``."""
+        self.comm.send(value, dest=dest, tag=tag)
 
-    def recv_object(self, source: int):
-        return self.comm.recv(source=source)
+    def recv(self, source: int, tag: int = 0):
+        """Point-to-point: the small picklable value that rank ``source`` sent."""
+        return self.comm.recv(source=source, tag=tag)
 
-    def send_(self, tensor: torch.Tensor, dest: int) -> None:
-        """A contiguous host tensor to ``dest`` (blocking ``Send``)."""
-        self.comm.Send(tensor.numpy(), dest=dest)
+    def send_(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> torch.Tensor:
+        """Point-to-point, buffer: a contiguous host tensor to rank ``dest``."""
+        self.comm.Send(tensor.numpy(), dest=dest, tag=tag)
+        return tensor
 
-    def recv_(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
-        """Into a contiguous host tensor from ``source`` (blocking ``Recv``)."""
-        self.comm.Recv(tensor.numpy(), source=source)
+    def recv_(self, tensor: torch.Tensor, source: int, tag: int = 0) -> torch.Tensor:
+        """Point-to-point, buffer: fill the contiguous host ``tensor`` with what ``source`` sent."""
+        self.comm.Recv(tensor.numpy(), source=source, tag=tag)
         return tensor
 
 class BufferSync:

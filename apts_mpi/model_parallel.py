@@ -66,7 +66,7 @@ class BlockCore(TrustRegionCore):
     partial_gradient = True
 
     def _reduce_norms(self, values):
-        parts = self.comm.allgather(tuple(values))
+        parts = self.comm.allgather_object(tuple(values))
         total_2sq = total_1 = 0.0
         for _, a, b in parts:
             total_2sq += a
@@ -220,7 +220,7 @@ class PipeEvaluator:
         collective.  Keys and values are those of the model before it was split."""
         a, b = self.bounds[self.comm.rank], self.bounds[self.comm.rank + 1]
         mine = {f"{i}.{k}": v for i in range(a, b) for k, v in self.model[i].state_dict().items()}
-        parts = self.comm.gather(mine, root=0)
+        parts = self.comm.gather_object(mine, root=0)
         if parts is None:
             return None
         merged = {k: v for part in parts for k, v in part.items()}
@@ -255,10 +255,10 @@ class PipeCombiner:
 
     def combine(self, correction, delta, loss_evals, grad_evals, broken):
         pred = 0.0
-        for v in self.comm.gather(delta, root=0) or []:
+        for v in self.comm.gather_object(delta, root=0) or []:
             pred += v
         loss_evals, grad_evals, broken = self.comm.sum_scalars([loss_evals, grad_evals, broken])
-        step_inf = self.comm.max_scalar(torch.linalg.vector_norm(correction, math.inf))
+        step_inf = max(self.comm.allgather_object(float(torch.linalg.vector_norm(correction, math.inf))))
         return pred, int(loss_evals), int(grad_evals), broken, step_inf
 
     def gradient(self, grad0):

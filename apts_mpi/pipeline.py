@@ -43,7 +43,7 @@ class Pipe:
 
     # -- messages ---------------------------------------------------------------------------------
     def _send(self, dest: int, header, tensors) -> None:
-        self.comm.send_object(header, dest)
+        self.comm.send(header, dest)
         sent = 0
         for t in tensors:
             t = t.detach().contiguous()
@@ -59,7 +59,7 @@ class Pipe:
     def _recv(self, source: int, shapes):
         """The header from ``source`` and the tensors it announces (``shapes(header)``: their
         (shape, dtype) list)."""
-        header = self.comm.recv_object(source)
+        header = self.comm.recv(source)
         out = []
         for shape, dtype in shapes(header):
             t = torch.empty(shape, dtype=getattr(torch, dtype))

@@ -46,6 +46,9 @@ def solver_class(name: str):
 
 def make_solver(config, numel: int, dtype, device):
     """The solver of an engine with ``config`` (a TrustRegionConfig): its ``model``'s when that is a
-    quasi-Newton one, else its ``step``'s."""
-    name = config.model if config.model in QUASI_NEWTON else config.step
-    return solver_class(name)(config, numel, dtype, device)
+    quasi-Newton one (with the ``step``'s solver for its first iterations, before any pair is
+    stored), else its ``step``'s."""
+    step = solver_class(config.step)(config, numel, dtype, device)
+    if config.model not in QUASI_NEWTON:
+        return step
+    return solver_class(config.model)(config, numel, dtype, device, fallback=step)

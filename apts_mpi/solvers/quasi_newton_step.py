@@ -7,7 +7,6 @@ import math
 import torch
 
 from ..quasi_newton import LimitedMemoryMatrix
-from . import solver_class
 from .base import Solver, boundary_norm
 
 CAUCHY_FRACTION = 0.1     # a quasi-Newton step must give >= 0.1 x the Cauchy decrease (N&W 4.20)
@@ -28,10 +27,10 @@ class QuasiNewtonStep(Solver):
     The engine stores the pairs (``qn.update``) after every finite trial.
     """
 
-    def __init__(self, config, numel, dtype, device):
+    def __init__(self, config, numel, dtype, device, fallback):
         super().__init__(config, numel, dtype, device)
         self.qn = LimitedMemoryMatrix(config.model, config.memory, numel, dtype=dtype, device=device)
-        self.fallback = solver_class(config.step)(config, numel, dtype, device)
+        self.fallback = fallback
 
     @property
     def device(self):
