@@ -67,7 +67,7 @@ from .iteration.evaluator import Evaluator
 from .iteration.local_phase import FirstOrderConsistency, LocalPhase
 from .objective import as_objective
 from .optimizer import Optimizer, as_batch
-from .trust_region import TrustRegionConfig, TrustRegionCore
+from .trust_region import TrustRegionCore, engine_configs
 
 
 @dataclass
@@ -113,33 +113,47 @@ def _subdomain_count(o: dict, world: int) -> int:
     return 1 if subdomains is None else subdomains
 
 
+def _layout(model, objective, o: dict, n_subdomains: int, seed, example):
+    """(subdomains, the subdomain of each local phase, the whole as one Subdomain, offsets).
+
+    The global flat layout is the subdomains' pieces in subdomain order: subdomain d occupies the
+    contiguous slice [offset_d, offset_d + numel_d) of every n-vector.  In the data space every
+    local phase works on all of theta."""
+    data_space = o["space"] == "data"
+    # a cached prefix makes the local phases of later subdomains cheaper: the cost split knows it
+    prefix_cached = objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
+    subdomains = decompose(model, 1 if data_space else n_subdomains, o["decomposition"], seed,
+                           example=example, prefix_cached=prefix_cached)
+    parts = subdomains * n_subdomains if data_space else subdomains
+    whole = parts[0] if data_space else Subdomain(parts[0].params, [p for sd in parts for p in sd.pieces])
+    sizes = [sd.numel for sd in parts]
+    return subdomains, parts, whole, [sum(sizes[:d]) for d in range(len(sizes) + 1)]
+
+
+def _sum_combiner(comm: Comm, offsets, replicas: int) -> SumCombiner:
+    """Allgatherv layout: the replicas of subdomain d each send one chunk of its slice."""
+    counts, displs = [], []
+    for d in range(len(offsets) - 1) if comm.size > 1 else []:
+        a, b = offsets[d], offsets[d + 1]
+        cuts = [a + (b - a) * j // replicas for j in range(replicas + 1)]
+        counts += [cuts[j + 1] - cuts[j] for j in range(replicas)]
+        displs += cuts[:-1]
+    return SumCombiner(comm, counts, displs, reports=comm.rank % replicas == 0)
+
+
 def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleNamespace:
     """The parts of APTS with the whole model on every rank, picked by the keywords ``o``: the
     decomposition, the engines, an :class:`Evaluator`, a :class:`LocalPhase`, a
     :class:`SumCombiner` (parameter space) or :class:`AverageCombiner` (data space) and a
     :class:`Coordinator`.  Each keyword sets one part or one part's setting."""
     world, rank, replicas = comm.size, comm.rank, o["replicas"]
-    n_subdomains = _subdomain_count(o, world)
-    data_space = o["space"] == "data"
-    base = {k: o[k] for k in options.options("trust-region") if k != "model"}
-    config = TrustRegionConfig(model=o["global_model"], **base)
-    local_config = TrustRegionConfig(model=o["local_model"], **base)
-    # a cached prefix makes the local phases of later subdomains cheaper: the cost split knows it
-    prefix_cached = objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
-    subdomains = decompose(model, 1 if data_space else n_subdomains, o["decomposition"], seed,
-                           example=example, prefix_cached=prefix_cached)
-    parts = subdomains * n_subdomains if data_space else subdomains  # data space: all of theta each
-    # the global flat layout is the subdomains' pieces in subdomain order: subdomain d occupies
-    # the contiguous slice [offset_d, offset_d + numel_d) of every n-vector
-    whole = parts[0] if data_space else Subdomain(subdomains[0].params,
-                                                  [p for sd in parts for p in sd.pieces])
-    sizes = [sd.numel for sd in parts]
-    offsets = [sum(sizes[:d]) for d in range(len(parts) + 1)]
+    n_subdomains, data_space = _subdomain_count(o, world), o["space"] == "data"
+    config, local_config = engine_configs(o)
+    subdomains, parts, whole, offsets = _layout(model, objective, o, n_subdomains, seed, example)
     subdomain_id = rank // replicas if world > 1 else None
     owned = range(len(parts)) if world == 1 else [subdomain_id]
     group = comm.split(subdomain_id, rank) if replicas > 1 else Comm(None)
-    kw = dict(dtype=whole.dtype, device=whole.device)
-    n = whole.numel
+    n, kw = whole.numel, dict(dtype=whole.dtype, device=whole.device)
     # stochastic local phases and the data space evaluate f(theta_k) and its gradient on the
     # whole minibatch first: no local phase sees all of it
     exact = data_space or o["local_batch"] != 1
@@ -148,25 +162,15 @@ def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleN
     foc = FirstOrderConsistency(n, theta, gradient_k, **kw) if o["foc"] or data_space else None
     glob = TrustRegionCore(whole, config)
     autocast = torch.bfloat16 if o["autocast"] == "bf16" else None
-    reuse = (data_space or o["local_batch"] == "shard") and replicas == 1 and autocast is None
     evaluator = Evaluator(
         model, objective, whole, comm, group, glob, n_shares=world if world > 1 else n_subdomains,
         micro_batch=o["micro_batch"], local_share="shard" if data_space else o["local_batch"],
-        seed=seed, start="exact" if exact else "gradient" if foc else None, reuse_start=reuse,
-        autocast=autocast, owned=owned, start_out=gradient_k if exact else foc.term if foc else None)
-    agree = group.bcast if replicas > 1 else None  # replicas decide on their rank 0's values
-    local_phase = LocalPhase(o["local_iters"], o["local_fraction"], agree=agree, foc=foc,
+        seed=seed, start="exact" if exact else "gradient" if foc else None, autocast=autocast,
+        reuse_start=(data_space or o["local_batch"] == "shard") and replicas == 1 and autocast is None,
+        owned=owned, start_out=gradient_k if exact else foc.term if foc else None)
+    local_phase = LocalPhase(o["local_iters"], o["local_fraction"], foc=foc,
+                             agree=group.bcast if replicas > 1 else None,  # the group's rank 0 decides
                              on_device=o["local_decisions"] == "device")
-    if data_space:
-        combiner = AverageCombiner(comm, gradient_k)
-    else:  # Allgatherv layout: the replicas of subdomain d each send one chunk of its slice
-        counts, displs = [], []
-        for d in range(len(parts)) if world > 1 else []:
-            a, b = offsets[d], offsets[d + 1]
-            cuts = [a + (b - a) * j // replicas for j in range(replicas + 1)]
-            counts += [cuts[j + 1] - cuts[j] for j in range(replicas)]
-            displs += cuts[:-1]
-        combiner = SumCombiner(comm, counts, displs, reports=rank % replicas == 0)
     local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
     if local_phase.on_device and not all(core.solver.device for core in local.values()):
         raise InputError(f"local_decisions='device' needs a step formed on the device; "
@@ -174,9 +178,10 @@ def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleN
     return SimpleNamespace(
         config=config, whole=whole, theta=theta, subdomains=subdomains, offsets=offsets,
         slices={d: (0, n) if data_space else (offsets[d], offsets[d + 1]) for d in owned},
-        local=local, global_core=glob,
-        group=group, n_subdomains=n_subdomains, n_shares=evaluator.n_shares, replicas=replicas, subdomain_id=subdomain_id,
-        gradient_k=gradient_k, evaluator=evaluator, local_phase=local_phase, combiner=combiner,
+        local=local, global_core=glob, group=group, n_subdomains=n_subdomains,
+        n_shares=evaluator.n_shares, replicas=replicas, subdomain_id=subdomain_id,
+        gradient_k=gradient_k, evaluator=evaluator, local_phase=local_phase,
+        combiner=AverageCombiner(comm, gradient_k) if data_space else _sum_combiner(comm, offsets, replicas),
         coordinator=Coordinator(comm, config, o["acceptance"], o["window"], whole.dtype))
 
 

@@ -43,7 +43,6 @@ from types import SimpleNamespace
 
 import torch
 
-from . import options
 from .comm import Comm
 from .decomposition import Subdomain, decompose, stage_bounds
 from .errors import InputError
@@ -52,7 +51,7 @@ from .iteration.evaluator import LocalObjective
 from .iteration.local_phase import LocalPhase
 from .objective import batch_size, chunks, share
 from .pipeline import GRAD, LOSS, Pipe
-from .trust_region import TrustRegionConfig, TrustRegionCore
+from .trust_region import TrustRegionCore, engine_configs
 
 
 class BlockCore(TrustRegionCore):
@@ -106,9 +105,7 @@ def build_parts(model, objective, comm: Comm, o: dict, seed=None, example=None) 
     stages are cut without drawing or counting)."""
     world, rank = comm.size, comm.rank
     check(model, objective, o, world)
-    base = {k: o[k] for k in options.options("trust-region") if k != "model"}
-    config = TrustRegionConfig(model=o["global_model"], **base)
-    local_config = TrustRegionConfig(model=o["local_model"], **base)
+    config, local_config = engine_configs(o)
     bounds = stage_bounds(model, world)
     a, b = bounds[rank], bounds[rank + 1]
     part = decompose(model, world, "stages")[rank]

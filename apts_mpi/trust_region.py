@@ -111,6 +111,14 @@ class TrustRegionConfig:
                     min_radius=self.min_radius, max_radius=self.max_radius)
 
 
+def engine_configs(keywords: dict):
+    """(the global pass's, the local phases' engine constants) from APTS's keywords: the
+    trust-region keywords with ``global_model`` and ``local_model`` as their models."""
+    base = {k: keywords[k] for k in options.options("trust-region") if k != "model"}
+    return (TrustRegionConfig(model=keywords["global_model"], **base),
+            TrustRegionConfig(model=keywords["local_model"], **base))
+
+
 @dataclass
 class Counters:
     """Running totals of one engine; ``rho`` and ``radius`` are those of the last iteration."""
