@@ -238,6 +238,8 @@ class APTS(Optimizer):
                              lambda self, value: setattr(self.evaluator, "freeze_others", value))
     cache_prefix = property(lambda self: self.evaluator.cache_prefix,
                             lambda self, value: setattr(self.evaluator, "cache_prefix", value))
+    # model parallel: the bytes this rank sent down and up the pipe in the last iteration
+    bytes_per_link = property(lambda self: self.evaluator.bytes_per_link)
 
     # -- the iteration ----------------------------------------------------------------------------
     @torch.no_grad()
