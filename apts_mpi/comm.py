@@ -117,9 +117,8 @@ class Comm:
         host.copy_(tensor.view(-1))
         return host.numpy(), host
 
-    def _timed(self, fn, tensor, wait=True):
-        if wait:
-            self._wait()
+    def _timed(self, fn, tensor):
+        self._wait()
         start = time.perf_counter()
         buf, host = self._buffer(tensor)
         fn(buf)
@@ -178,7 +177,6 @@ class Comm:
         """Element-wise sum over ranks of a few float64 scalars."""
         return self._scalars(lambda a: self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), values)
 
-
     # -- Everything else the package asks of MPI: small pickled control messages (a few per run or
     # per iteration, never tensors), the communicator's structure, point-to-point.  A second
     # backend (torch.distributed) implements these and the buffer methods above, nothing more.
@@ -223,13 +221,15 @@ class Comm:
         return self.comm.recv(source=source, tag=tag)
 
     def send_(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> torch.Tensor:
-        """Point-to-point, buffer: a contiguous tensor to rank ``dest`` (counted in ``seconds`` and
-        ``bytes``)."""
-        return self._timed(lambda buf: self.comm.Send(buf, dest=dest, tag=tag), tensor, wait=False)
+        """Point-to-point, buffer: a contiguous host tensor to rank ``dest`` (not counted in
+        ``seconds`` and ``bytes``: the pipe counts its own)."""
+        self.comm.Send(tensor.numpy(), dest=dest, tag=tag)
+        return tensor
 
     def recv_(self, tensor: torch.Tensor, source: int, tag: int = 0) -> torch.Tensor:
-        """Point-to-point, buffer: fill the contiguous ``tensor`` with what rank ``source`` sent."""
-        return self._timed(lambda buf: self.comm.Recv(buf, source=source, tag=tag), tensor, wait=False)
+        """Point-to-point, buffer: fill the contiguous host ``tensor`` with what ``source`` sent."""
+        self.comm.Recv(tensor.numpy(), source=source, tag=tag)
+        return tensor
 
     def abort(self, status: int = 1) -> None:
         """End every rank of the job at once (MPI_Abort): for a fault on one rank only, which would

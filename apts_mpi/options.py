@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import InputError
+from .solvers import STEPS
 
 NUMBER = (int, float)
 
@@ -100,8 +101,9 @@ TRUST_REGION = (
     Option("increase", 2.0, NUMBER, check=lambda v: v >= 1, rule="must be >= 1",
            help="radius factor after a very good step"),
     Option("norm", "inf", str, **choice("inf", "2"), help="norm of the trust region"),
-    Option("step", "cauchy", str, **choice("cauchy", "sign"),
-           help="first-order step: Cauchy point, or the sign step (inf-norm only)"),
+    Option("step", "cauchy", str, **choice(*STEPS),
+           help="first-order step, a local solver of apts_mpi.solvers: Cauchy point, sign step "
+                "(inf-norm only) or Adam's direction scaled to the radius"),
     Option("memory", 5, int, **POSITIVE_INT, help="pairs kept by a limited-memory model"),
 )
 

@@ -289,8 +289,8 @@ def test_a_shard_local_phase_takes_f_d0_from_the_start_evaluation(kwargs):
     other, _, _ = problem()
     reuse = APTS(model, CE, radius=0.05, **kwargs)
     again = APTS(other, CE, radius=0.05, **kwargs)
-    assert reuse.reuse_start
-    again.reuse_start = False  # evaluate f_d(0) in the local phase, as without the reuse
+    assert reuse.evaluator.reuse_start
+    again.evaluator.reuse_start = False  # evaluate f_d(0) in the local phase, as without the reuse
     for _ in range(5):
         reuse.step(x, y)
         again.step(x, y)

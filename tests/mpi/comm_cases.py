@@ -38,7 +38,6 @@ if size > 1:  # a ring: each rank sends a header and a tensor to the next, recei
         comm.send({"n": 4, "from": rank}, dest=nxt)
         comm.send_(torch.arange(4, dtype=torch.float64) + rank, dest=nxt)
     checks["send_recv"] = header == {"n": 4, "from": prev} and got.tolist() == [prev + k for k in range(4)]
-    checks["bytes_counted"] = comm.bytes == 2 * 4 * 8  # one tensor sent, one received
 second = Comm(comm)  # a second handle: the same counters
 checks["shared_counters"] = second.bytes == comm.bytes and second.traffic is comm.traffic
 every = comm.allgather_object(checks)
