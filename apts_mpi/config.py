@@ -20,7 +20,10 @@ error at most); ``target_accuracy`` is the same for classification.
 ``optimizer.method`` is one of ``apts``, ``tr``, ``sgd``, ``adam``, ``lbfgs``; the keywords allowed
 next to it, their defaults and checks are those of :mod:`apts_mpi.options` for that method (e.g.
 ``radius`` for apts/tr, ``lr`` for sgd/adam/lbfgs).  ``--set key.sub=value`` overrides a key (the value is parsed as YAML).
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` (from
+:mod:`apts_mpi.errors`) naming the key.  Every key, the problems' own included, is an
+:class:`~apts_mpi.options.Option` checked once by the one validator
+(:func:`apts_mpi.options.check_keys`), with one message style: ``<key> <rule>; got <value>``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ keywords from :data:`METHODS` through :func:`resolve`.  A new keyword is one :cl
 in the table of its method (and the constructor's use of it).
 
 Each rule has one message, ``<key> <rule>; got <value>``; the config prefixes the key with
-``optimizer.``.  Cross-key invariants (``0 < eta1 < eta2 < 1``, the radius within its bounds, the
+``optimizer.``.  The config's own sections and the problems' ``data.*`` keys are written as
+:class:`Option` lines too and checked by the same :func:`check_keys`.  Cross-key invariants (``0 < eta1 < eta2 < 1``, the radius within its bounds, the
 sign step's requirements) are :data:`RULES`, checked after every key passed its own check.
 """
 from __future__ import annotations
