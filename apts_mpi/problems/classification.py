@@ -70,7 +70,7 @@ def evaluate(model, x, y, comm: Comm, batch_size: int):
                      float((out.argmax(1) == y[start:start + batch_size]).sum())))
     model.train(was_training)
     if comm.size > 1:
-        sums = [chunk for share in comm.comm.allgather(sums) for chunk in share]
+        sums = [chunk for share in comm.allgather_object(sums) for chunk in share]
     loss = correct = 0.0
     for chunk_loss, chunk_correct in sums:
         loss, correct = loss + chunk_loss, correct + chunk_correct
