@@ -121,7 +121,8 @@ def _fill(section_name, given, schema):
         raise ConfigError(f"{section_name}: expected a mapping, got {given!r}")
     unknown = sorted(set(given) - set(schema))
     if unknown:
-        raise ConfigError(f"{section_name}.{unknown[0]}: unknown key (known: {', '.join(sorted(schema))})")
+        raise ConfigError(f"{section_name}.{unknown[0]}: unknown key"
+                          f"{options.did_you_mean(unknown[0], schema)} (known: {', '.join(sorted(schema))})")
     return {k: _check(f"{section_name}.{k}", given.get(k, spec[0]), spec) if k in given else spec[0]
             for k, spec in schema.items()}
 
@@ -135,7 +136,8 @@ def resolve(raw: dict) -> dict:
     known = set(TOP) | {"data", "model", "optimizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{unknown[0]}: unknown key{options.did_you_mean(unknown[0], known)} "
+                          f"(known: {', '.join(sorted(known))})")
     config = {k: _check(k, raw[k], spec) if k in raw else spec[0] for k, spec in TOP.items()}
     data = raw.get("data", {})
     dataset = data.get("dataset", DATA["dataset"][0]) if isinstance(data, dict) else None
@@ -222,3 +224,37 @@ def digest(config: dict) -> str:
     trajectory = {k: v for k, v in config.items() if k not in RESUMABLE}
     trajectory["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(prune(trajectory), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(spec) -> tuple:
+    """(default, rule in words) of a key: an ``options.Option`` or a ``(default, types, check)``."""
+    if isinstance(spec, options.Option):
+        rule = options.type_name(spec.types) + (f", {spec.rule}" if spec.rule else "")
+        return spec.default, rule + (f"; {spec.help}" if spec.help else "")
+    default, types, check = spec
+    return default, options.type_name(types) + (f", must be {check[1]}" if check else "")
+
+
+def keys(config: dict | None = None) -> list:
+    """Every key a config may hold, as ``(key, default, rule)`` rows: the top level, ``data`` (with
+    the keys of the config's data set), ``model`` (with its networks) and ``optimizer`` (the
+    keywords of the config's method).  Without ``config``, those of the defaults (digits, apts)."""
+    config = config or resolve({})
+    dataset, method = config["data"]["dataset"], config["optimizer"]["method"]
+    problem = PROBLEMS[dataset]
+    rows = [(k, *_describe(spec)) for k, spec in TOP.items()]
+    rows += [(f"data.{k}", *_describe(spec)) for k, spec in {**DATA, **problem.data_keys}.items()]
+    for k, spec in MODEL.items():
+        default, rule = _describe(spec)
+        if k == "name":
+            rule = f"one of {', '.join(problem.models)} (data set {dataset})"
+        rows.append((f"model.{k}", default, rule))
+    rows.append(("optimizer.method", "apts", f"one of {', '.join(options.TRAINABLE)}"))
+    rows += [(f"optimizer.{k}", *_describe(o))
+             for k, o in options.options(method, config_only=True).items()]
+    return rows
+
+
+def dump(config: dict) -> str:
+    """A resolved config as YAML that :func:`load` reads back to the same config."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -242,6 +242,13 @@ RULES = {"trust-region": _trust_region_rules, "apts": _apts_rules, "tr": _trust_
          "adam-apts": _adam_apts_rules}
 
 
+def did_you_mean(key, known) -> str:
+    """`` (did you mean 'x'?)`` for the known key closest to ``key`` (difflib), else ``""``."""
+    import difflib
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def options(method: str, config_only: bool = False) -> dict[str, Option]:
     """The keywords of ``method`` by name (those the YAML config carries, with ``config_only``)."""
     if method not in METHODS:
@@ -262,7 +269,8 @@ def resolve(method: str, given: dict, prefix: str = "", config_only: bool = Fals
     known = options(method, config_only)
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key (known: "
+        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key"
+                                      f"{did_you_mean(unknown[0], known)} (known: "
                                       f"{', '.join(sorted(known))})")
     values = {name: o.validate(given[name], prefix) if name in given else o.default
               for name, o in known.items()}
