@@ -130,7 +130,8 @@ def _resolve(raw):
     known = set(TOP) | {"data", "model", "optimizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{unknown[0]}: unknown key{options.did_you_mean(unknown[0], known)} "
+                          f"(known: {', '.join(sorted(known))})")
     config = options.check_keys(TOP, {k: v for k, v in raw.items() if k in TOP})
     data = raw.get("data", {})
     dataset = data.get("dataset", DATA["dataset"].default) if isinstance(data, dict) else None
@@ -216,3 +217,34 @@ def digest(config: dict) -> str:
     trajectory = {k: v for k, v in config.items() if k not in RESUMABLE}
     trajectory["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(prune(trajectory), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(option) -> tuple:
+    """(default, rule in words) of a key's :class:`~apts_mpi.options.Option`."""
+    rule = options.type_name(option.types) + (f", {option.rule}" if option.rule else "")
+    return option.default, rule + (f"; {option.help}" if option.help else "")
+
+
+def keys(config: dict | None = None) -> list:
+    """Every key a config may hold, as ``(key, default, rule)`` rows: the top level, ``data`` (with
+    the keys of the config's data set), ``model`` (with its networks) and ``optimizer`` (the
+    keywords of the config's method).  Without ``config``, those of the defaults (digits, apts)."""
+    config = config or resolve({})
+    dataset, method = config["data"]["dataset"], config["optimizer"]["method"]
+    problem = PROBLEMS[dataset]
+    rows = [(k, *_describe(spec)) for k, spec in TOP.items()]
+    rows += [(f"data.{k}", *_describe(spec)) for k, spec in {**DATA, **problem.data_keys}.items()]
+    for k, spec in MODEL.items():
+        default, rule = _describe(spec)
+        if k == "name":
+            rule = f"one of {', '.join(problem.models)} (data set {dataset})"
+        rows.append((f"model.{k}", default, rule))
+    rows.append(("optimizer.method", "apts", f"one of {', '.join(options.TRAINABLE)}"))
+    rows += [(f"optimizer.{k}", *_describe(o))
+             for k, o in options.options(method, config_only=True).items()]
+    return rows
+
+
+def dump(config: dict) -> str:
+    """A resolved config as YAML that :func:`load` reads back to the same config."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
