@@ -14,14 +14,17 @@ import math
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__, config as configuration
+from . import config as configuration
+from ._version import __version__
 from .checks import check_dtype_range, check_overlap
-from .comm import Comm, select_device
+from .comm import Comm, local_rank, select_device
+from .comm import world as launch_world
 from .data import MinibatchSampler
 from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
@@ -30,6 +33,7 @@ from .problems import PROBLEMS
 from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, save_checkpoint,
                       write_metrics)
 from .results.files import WriteError, remove_leftovers
+from .watchdog import Watchdog
 
 log = logging.getLogger("apts_mpi")
 ITERATION_SERIES = ("epoch", *RECORD_FIELDS, "seconds")
@@ -50,16 +54,16 @@ class WriteFailed(RuntimeError):
     the same point.  The previous checkpoint is intact and resumable."""
 
 
-def _written(comm, write):
-    """Collective: rank 0 calls ``write()`` (other ranks do not); if it raises ``WriteError``, every
+def _written(world, write):
+    """Collective over ``world`` (a :class:`~apts_mpi.comm.Comm`): rank 0 calls ``write()`` (other ranks do not); if it raises ``WriteError``, every
     rank raises :class:`WriteFailed` with its message."""
     error = None
-    if comm.Get_rank() == 0:
+    if world.rank == 0:
         try:
             write()
         except WriteError as e:
             error = str(e)
-    error = comm.bcast(error, root=0) if comm.Get_size() > 1 else error
+    error = world.bcast_object(error, root=0) if world.size > 1 else error
     if error is not None:
         raise WriteFailed(error)
 
@@ -74,10 +78,12 @@ class Experiment:
     """
 
     def __init__(self, cfg: dict, comm=None):
-        from mpi4py import MPI
-        self.cfg, self.comm = cfg, comm if comm is not None else MPI.COMM_WORLD
+        self.cfg = cfg
+        self.world = Comm(comm) if comm is not None else launch_world()
+        self.comm = self.world.comm  # the communicator the optimisers are built on
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        self.device = select_device(self.comm, cfg["device"])
+        self.local_rank = local_rank(self.comm)  # collective: the GPU's index on a cluster node
+        self.device = select_device(self.comm, cfg["device"], self.local_rank)
         self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
                                                          getattr(torch, cfg["model"]["dtype"]))
         metric, self.target_mode = self.problem.target
@@ -111,11 +117,11 @@ class Experiment:
         :meth:`build`; no collective).  A checkpoint of another config or world size, or one whose
         content does not fit this run (a damaged or crafted file that still carries valid
         digests), raises ``ResultsError`` naming the file and the problem."""
-        meta = {"config_hash": configuration.digest(self.cfg), "world_size": self.comm.Get_size()}
+        meta = {"config_hash": configuration.digest(self.cfg), "world_size": self.world.size}
         payload, _ = load_checkpoint(checkpoint, expect=meta)
         try:
             self.optimizer.load_model_state(self.model, payload["model"])
-            self.optimizer.load_checkpoint_state(payload["optimizer"], self.comm.Get_rank())
+            self.optimizer.load_checkpoint_state(payload["optimizer"], self.world.rank)
             self.sampler.load_state_dict(payload["sampler"])
             torch.set_rng_state(payload["rng"]["torch"])
             if type(payload["epoch"]) is not int or not 0 <= payload["epoch"] <= self.cfg["epochs"]:
@@ -149,16 +155,18 @@ class Experiment:
         return value >= self.target if self.target_mode == "max" else value <= self.target
 
 
-def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, **extra):
-    """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
+def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, watchdog=None, **extra):
+    """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0), never
+    cut short by the ``watchdog``."""
     opt_state = ex.optimizer.checkpoint_state(comm)
     model_state = ex.optimizer.model_state(ex.model, comm)  # gathered where ranks hold blocks
     def write():
         payload = {"model": model_state, "sampler": ex.sampler.state_dict(),
                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
                    "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
-        save_checkpoint(path, payload, meta)
-    _written(comm, write)
+        with watchdog.writing() if watchdog is not None else _nothing():
+            save_checkpoint(path, payload, meta)
+    _written(ex.world, write)
 
 
 def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None,
@@ -175,7 +183,22 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     ex = experiment or Experiment(cfg, comm)
     if ex.optimizer is None:
         ex.build()
-    comm, world = ex.comm, Comm(ex.comm)
+    # a collective that never returns (a lost node or link) ends the run for a requeue
+    watchdog = Watchdog(cfg.get("watchdog_s") if ex.world.size > 1 else 0, ex.world.rank,
+                        signals=stop.delivered if stop is not None else (lambda: 0)).start()
+    try:
+        return _train(cfg, out_dir, ex, resume, stop, watchdog)
+    finally:
+        watchdog.stop()
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _train(cfg, out_dir, ex, resume, stop, watchdog):
+    comm, world = ex.comm, ex.world
     rank, out_dir = world.rank, Path(out_dir)
     problem, model, optimizer, sampler = ex.problem, ex.model, ex.optimizer, ex.sampler
 
@@ -201,8 +224,11 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
+             # each rank's host and node-local rank (SLURM_LOCALID under srun: its GPU's index)
+             "hosts": world.allgather_object(platform.node()),
+             "local_ranks": world.allgather_object(ex.local_rank),
              # parameter scalars each rank holds (model-parallel APTS: its block only)
-             "params_held": comm.allgather(int(optimizer.params_held if optimizer.params_held is not None
+             "params_held": world.allgather_object(int(optimizer.params_held if optimizer.params_held is not None
                                                else sum(p.numel() for p in model.parameters())))}
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
@@ -220,6 +246,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         # epoch when the stop came after the last one)
         first = sampler.position if sampler.epoch == epoch else len(batches)
         for position in range(first, len(batches)):
+            watchdog.beat(len(iterations["loss"]) + 1, f"epoch {epoch + 1}, minibatch {position + 1} "
+                          f"of {len(batches)}")
             batch = problem.batch(batches[position])
             t0 = time.perf_counter()
             optimizer.step(batch)
@@ -242,16 +270,17 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             if stopped:
                 break
             # requested stop (apts_mpi/preemption.py): one collective, the same answer on every rank
-            signal_name = stop.agreed(comm) if stop is not None else None
+            signal_name = stop.agreed(world) if stop is not None else None
             if signal_name:
                 sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "position": position + 1})
                 _save_checkpoint(checkpoint, meta, comm, ex, epoch, elapsed + time.perf_counter() - t_epoch,
-                                 iterations, epochs, totals=dict(totals), stall=stall)
+                                 iterations, epochs, watchdog, totals=dict(totals), stall=stall)
                 raise Preempted(f"{signal_name} received: checkpoint written in epoch {epoch + 1} after "
                                 f"minibatch {position + 1} of {len(batches)}; continue with --resume")
         else:
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
+        watchdog.beat(len(iterations["loss"]), f"the evaluation and checkpoint of epoch {epoch + 1}")
         optimizer.eval_mode()
         metrics = problem.evaluate(*optimizer.evaluation(model, world))
         optimizer.train_mode()
@@ -276,9 +305,12 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                                                f"{metrics[ex.target_metric]:.4f} "
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
         if save or stopped:  # a stopped run keeps its last complete checkpoint
-            _written(comm, lambda: write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs))
+            def write():
+                with watchdog.writing():
+                    write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+            _written(world, write)
         if save:  # the same on every rank: the gather is collective
-            _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs)
+            _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs, watchdog)
         if rank == 0:
             log.info("epoch %3d  loss %.4f  %s  radius %.2e  acc/rej %d/%d  %.1f s", epoch + 1,
                      metrics["loss"], _headline(ex.target_metric, metrics), optimizer.radius,

@@ -38,8 +38,8 @@ import sys
 import h5py
 import numpy as np
 
-__all__ = ["ResultsError", "WriteError", "atomic_write", "write_bytes", "hdf5_image", "remove_leftovers", "encode_attr", "decode_attr", "check_name",
-           "INT64_MIN", "INT64_MAX"]
+__all__ = ["ResultsError", "WriteError", "atomic_write", "write_bytes", "hdf5_image",
+           "remove_leftovers", "encode_attr", "decode_attr", "check_name", "INT64_MIN", "INT64_MAX"]
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _JSON_MARKER = "json:"
