@@ -99,6 +99,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_metrics(small_disk, tmp_p
     assert out[2:] == ["checkpoint epoch 98", "metrics epochs 98", "leftovers []"], show
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_one_line_and_status_74(small_disk):
     """Two ranks train into a small disk that fills after the first checkpoints: every rank stops
     with status 74, rank 0 says once which file failed and which checkpoint is kept, and that
