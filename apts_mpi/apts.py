@@ -88,6 +88,7 @@ from . import options
 from .comm import BufferSync, Comm
 from .decomposition import Subdomain, decompose
 from .errors import InputError
+from .launch import join
 from .objective import as_objective, batch_size, chunks, share
 from .optimizers import Optimizer, as_batch
 from .trust_region import TrustRegionConfig, TrustRegionCore, update_radius
@@ -158,6 +159,7 @@ class APTS(Optimizer):
 
     def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
         o = options.resolve("apts", keywords)
+        join(model, comm)  # launch check; rank 0's parameters and buffers on every rank (as DDP)
         self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world = self.comm.size

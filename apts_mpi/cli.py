@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import config as configuration
 from .errors import InputError
+from .launch import check_launch
 from .preemption import EXIT_RESUMABLE, Preempted, StopRequest
 from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, plot_runs,
                       read_metrics, report_table)
@@ -161,6 +162,7 @@ def _prepare(args, comm):
     global _held
     cfg = configuration.load(args.config, args.set)
     _check_slurm(comm.Get_size())
+    check_launch(comm.Get_size())  # torchrun, another MPI's mpiexec: N one-rank worlds
     if args.out is not None and not args.out.strip():
         raise InputError("--out is empty: give the run folder")
     out = Path(args.out or Path("runs") / cfg["name"])
@@ -231,6 +233,11 @@ def _cmd_train(args):
     if comm.Get_rank() == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.Get_size(), out)
+        if comm.Get_size() == 1 and (experiment.optimizer.n_subdomains or 1) > 1:
+            log.info("serial emulation of %d subdomains on 1 process (for %d ranks: mpiexec -n %d "
+                     "python -m mpi4py -m apts_mpi train ...)", experiment.optimizer.n_subdomains,
+                     experiment.optimizer.n_subdomains * cfg["optimizer"].get("replicas", 1),
+                     experiment.optimizer.n_subdomains * cfg["optimizer"].get("replicas", 1))
     try:
         train(cfg, out, comm, resume=resume, experiment=experiment, stop=stop)
     except TrainingStopped as e:  # raised on every rank at the same iteration

@@ -48,6 +48,7 @@ from .comm import Comm
 from .decomposition import Subdomain, decompose, stage_bounds
 from .errors import InputError
 from .objective import as_objective, batch_size
+from .launch import join
 from .optimizers import as_batch
 from .pipeline import GRAD, LOSS, Pipe
 from .trust_region import TrustRegionConfig, TrustRegionCore
@@ -110,6 +111,7 @@ class ModelParallelAPTS(APTS):
 
     def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
         o = options.resolve("apts", keywords)  # seed and example: no use here (stages, no drawing)
+        join(model, comm)  # launch check; rank 0's whole model on every rank, before blocks are cut
         self.model, self.objective = model, as_objective(objective)
         self.comm = Comm(comm)
         world, rank = self.comm.size, self.comm.rank

@@ -19,6 +19,7 @@ import torch
 from . import options
 from .comm import BufferSync, Comm
 from .decomposition import Subdomain
+from .launch import join
 from .objective import as_objective, batch_size, share
 
 # the per-iteration series every optimiser reports (the loop adds "epoch" and "seconds")
@@ -96,7 +97,12 @@ class Optimizer:
 
 
 def as_batch(batch: tuple) -> tuple:
-    """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple."""
+    """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple.  A closure (torch's
+    ``step(closure)`` convention) is refused with a TypeError that says how to call ``step``."""
+    if len(batch) == 1 and callable(batch[0]) and not isinstance(batch[0], torch.Tensor):
+        raise TypeError("step() takes the minibatch, not a closure: call opt.step(x, y) with the "
+                        "same minibatch on every rank; the loss is the objective given to the "
+                        "constructor, e.g. APTS(model, torch.nn.functional.cross_entropy, comm)")
     return tuple(batch[0]) if len(batch) == 1 and isinstance(batch[0], (tuple, list)) else tuple(batch)
 
 
@@ -112,6 +118,7 @@ class DataParallel(Optimizer):
         self.model, self.objective, self.optimizer, self.comm = model, as_objective(objective), optimizer, comm
         self.shares = list(range(shares)) if comm.size == 1 else [comm.rank]
         self.n_shares = shares if comm.size == 1 else comm.size
+        join(model, comm)  # launch check; rank 0's parameters and buffers on every rank (as DDP)
         self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
         self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
         self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)
