@@ -5,7 +5,8 @@ A config has four sections; every key has a default, so a file names only what d
     name: demo
     seed: 0
     epochs: 20
-    checkpoint_every: 1         # epochs between metrics/checkpoint writes (and the last)
+    checkpoint_every: 1         # epochs between checkpoint writes (and the last); metrics.h5: every epoch
+    log_interval_s: 60          # seconds between heartbeat lines inside an epoch (0: every iteration)
     target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
     stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
@@ -34,7 +35,7 @@ import yaml
 
 from . import options
 from .errors import InputError
-from .problems import DATASETS, PROBLEMS
+from .problems import DATASETS, PROBLEMS, lookup
 
 
 class ConfigError(InputError):
@@ -81,13 +82,15 @@ TOP = {
     "seed": (0, int, (lambda v: 0 <= v < 2**63, "in [0, 2**63)")),  # torch and HDF5 take int64
     "epochs": (10, int, _positive),
     "checkpoint_every": (1, int, _positive),
+    "log_interval_s": (60.0, _number, (lambda v: v >= 0, ">= 0")),  # heartbeat (0: every iteration)
     "target_accuracy": (None, (float, int, type(None)), (lambda v: 0 < v <= 1, "in (0, 1]")),
     "target": (None, (float, int, type(None)), None),
     "stall_iterations": (100, int, _positive),
     "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
 }
 DATA = {
-    "dataset": ("digits", str, (lambda v: v in PROBLEMS, f"one of {', '.join(DATASETS)}")),
+    "dataset": ("digits", str, (lambda v: v in PROBLEMS or ":" in v,
+                                f"one of {', '.join(DATASETS)} or 'package.module:Problem'")),
     "root": (None, (str, type(None)), None),
     "download": (False, bool, None),
     "batch_size": (100000, int, _positive),
@@ -139,11 +142,18 @@ def resolve(raw: dict) -> dict:
     config = {k: _check(k, raw[k], spec) if k in raw else spec[0] for k, spec in TOP.items()}
     data = raw.get("data", {})
     dataset = data.get("dataset", DATA["dataset"][0]) if isinstance(data, dict) else None
-    problem = PROBLEMS.get(dataset) if isinstance(dataset, str) else None
+    problem = None
+    if isinstance(dataset, str) and (dataset in PROBLEMS or ":" in dataset):
+        try:  # a registered name, or the user's Problem by import path
+            problem = lookup(dataset)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
     config["data"] = _fill("data", data, {**DATA, **(problem.data_keys if problem else {})})
     config["model"] = _fill("model", raw.get("model", {}), MODEL)
-    if config["model"]["name"] not in problem.models:
-        raise ConfigError(f"model.name: must be one of {', '.join(problem.models)} for data set "
+    if config["model"]["name"] not in problem.models and not (
+            problem.import_models and ":" in config["model"]["name"]):
+        raise ConfigError(f"model.name: must be one of {', '.join(problem.models) or 'no built-in network'}"
+                          f"{' or a factory package.module:function' if problem.import_models else ''} for data set "
                           f"{dataset!r}, got {config['model']['name']!r}")
     opt = raw.get("optimizer")
     if not isinstance(opt, (dict, type(None))):
@@ -206,7 +216,7 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations")
+RESUMABLE = ("epochs", "checkpoint_every", "log_interval_s", "name", "target_accuracy", "target", "stall_iterations")
 
 
 def digest(config: dict) -> str:

@@ -25,7 +25,9 @@ from .data import MinibatchSampler
 from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
 from .preemption import Preempted, StopRequest
-from .problems import PROBLEMS
+from .progress import Heartbeat
+from .provenance import provenance
+from .problems import lookup
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
 
 log = logging.getLogger("apts_mpi")
@@ -53,7 +55,7 @@ class Experiment:
         self.cfg, self.comm = cfg, comm if comm is not None else MPI.COMM_WORLD
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.device = select_device(self.comm, cfg["device"])
-        self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
+        self.problem = lookup(cfg["data"]["dataset"])(cfg, self.device,
                                                          getattr(torch, cfg["model"]["dtype"]))
         metric, self.target_mode = self.problem.target
         self.target, self.target_metric = cfg["target"], metric
@@ -131,6 +133,9 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                       for k in iterations}
         epochs = {k: list(saved_epochs.get(k, [0.0] * len(saved_epochs["epoch"]))) for k in epochs}
         start_epoch, elapsed = int(payload["epoch"]), float(payload["seconds"])
+        if rank == 0:
+            log.info("resumed from epoch %d (%d iterations done, %.1f s)", start_epoch,
+                     len(iterations["loss"]), elapsed)
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)  # the CLI creates and locks it beforehand
 
@@ -138,6 +143,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
+             **(provenance() if rank == 0 else {}),
              # parameter scalars each rank holds (model-parallel APTS: its block only)
              "params_held": comm.allgather(int(optimizer.params_held if optimizer.params_held is not None
                                                else sum(p.numel() for p in model.parameters())))}
@@ -157,6 +163,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         # a mid-epoch resume starts past the minibatches done (the sampler's state says the next
         # epoch when the stop came after the last one)
         first = sampler.position if sampler.epoch == epoch else len(batches)
+        heartbeat = Heartbeat(cfg["log_interval_s"], epoch + 1, cfg["epochs"], len(batches), rank == 0)
         for position in range(first, len(batches)):
             batch = problem.batch(batches[position])
             t0 = time.perf_counter()
@@ -167,6 +174,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             totals["accepted"] += row["accepted"] == 1
             totals["rejected"] += row["accepted"] == 0
             totals["nonfinite"] += int(row["nonfinite"])
+            heartbeat.tick(position + 1, row["radius"], row["accepted"])
             # faults: every value below is shared by all ranks (reduced or broadcast), so every
             # rank stops at the same iteration
             at_floor = min_radius is not None and row["radius"] <= min_radius
@@ -213,8 +221,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                 attrs["stopped"] = stopped or (f"reached {_metric_name(ex.target_metric)} "
                                                f"{metrics[ex.target_metric]:.4f} "
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
-            if save or stopped:  # a stopped run keeps its last complete checkpoint
-                write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+            # every epoch, whatever checkpoint_every (a running job's report is at most an epoch old)
+            write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
         if save:  # the same on every rank: the gather is collective
             _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs)
         if rank == 0:
