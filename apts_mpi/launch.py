@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 
 import torch
-from mpi4py import MPI
 
-from .comm import Comm
+from .comm import Comm, world
 from .errors import InputError
 
 # the number of processes a launcher started, by the variable each launcher sets in every process
@@ -50,7 +49,7 @@ def check_launch(world_size: int | None = None, environ=None) -> None:
     ``world_size``: MPI.COMM_WORLD's size (read here by default).
     """
     if world_size is None:
-        world_size = MPI.COMM_WORLD.Get_size()
+        world_size = world().size
     said = launcher_size(environ)
     if world_size == 1 and said is not None:
         n, name, launcher = said
@@ -65,7 +64,7 @@ def broadcast_model(model: torch.nn.Module, comm) -> None:
     """Every parameter and buffer of ``model`` <- rank 0's (as DistributedDataParallel does at
     construction); collective over ``comm`` (a Comm or an mpi4py communicator), one Bcast per
     dtype; nothing on one rank."""
-    comm = comm if isinstance(comm, Comm) else Comm(comm)
+    comm = Comm(comm.comm if isinstance(comm, Comm) else comm)  # its own traffic counters
     if comm.size == 1:
         return
     from .decomposition import Subdomain

@@ -1,7 +1,9 @@
 """Model-parallel APTS: rank d holds only block d of an ``nn.Sequential`` (docs/method.md,
 "Model-parallel APTS").
 
-The same method as :class:`~apts_mpi.apts.APTS` with ``decomposition="stages"``: subdomain d is
+The same iteration as :class:`~apts_mpi.apts.APTS` with ``decomposition="stages"``, built from
+this module's parts: a :class:`PipeEvaluator`, a :class:`PipeCombiner` and a :class:`BlockCore`
+for the global pass (:func:`build_parts`; ``APTS(..., model_parallel=True)``).  Subdomain d is subdomain d is
 block d, and its local problem stays f_d(u) = f(theta_k + R_d^T u), the blocks before d at theta_k
 (their output, d's block input, computed once), block d at theta_d^k + u, the blocks after d at
 theta_k.  One iteration on a minibatch:
@@ -36,36 +38,34 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections import deque
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
-from mpi4py import MPI
 
-from . import options
-from .apts import APTS, IterationReport
 from .comm import Comm
 from .decomposition import Subdomain, decompose, stage_bounds
 from .errors import InputError
-from .objective import as_objective, batch_size
-from .launch import join
-from .optimizers import as_batch
+from .iteration.coordinator import Coordinator
+from .iteration.evaluator import LocalObjective
+from .iteration.local_phase import LocalPhase
+from .objective import batch_size, chunks, share
 from .pipeline import GRAD, LOSS, Pipe
-from .trust_region import TrustRegionConfig, TrustRegionCore
+from .trust_region import TrustRegionCore, engine_configs
 
 
 class BlockCore(TrustRegionCore):
     """The trust-region engine on a vector split into blocks, one per rank: the norms of the step
     rule are reduced over the ranks (max; sums in rank order, identical on every rank)."""
 
-    def __init__(self, subdomain, config, comm):
+    def __init__(self, subdomain, config, comm: Comm):
         super().__init__(subdomain, config)
         self.comm = comm
 
     partial_gradient = True
 
     def _reduce_norms(self, values):
-        parts = self.comm.allgather(tuple(values))
+        parts = self.comm.allgather_object(tuple(values))
         total_2sq = total_1 = 0.0
         for _, a, b in parts:
             total_2sq += a
@@ -99,174 +99,117 @@ def check(model, objective, o: dict, world: int) -> None:
                          f"needs {o['subdomains']} ranks; the world has {world}")
 
 
-class ModelParallelAPTS(APTS):
-    """APTS with block d of the model on rank d only; ``APTS(..., decomposition="stages",
-    model_parallel=True)`` makes one.  ``params_held``: the network's parameter scalars materialised
-    on this rank (its block; the theta_k copy and the engine's vectors are of the block's size too).
+def build_parts(model, objective, comm: Comm, o: dict, seed=None, example=None) -> SimpleNamespace:
+    """The parts of model-parallel APTS on this rank (block ``comm.rank``); the other blocks'
+    parameters of ``model`` are released (emptied) here.  ``seed`` and ``example``: no use (the
+    stages are cut without drawing or counting)."""
+    world, rank = comm.size, comm.rank
+    check(model, objective, o, world)
+    config, local_config = engine_configs(o)
+    bounds = stage_bounds(model, world)
+    a, b = bounds[rank], bounds[rank + 1]
+    part = decompose(model, world, "stages")[rank]
+    sub = Subdomain(part.params, part.pieces)  # this rank's coordinates of every n-vector
+    with torch.no_grad():  # release the other blocks
+        for i, child in enumerate(model):
+            if not a <= i < b:
+                for t in list(child.parameters()) + list(child.buffers()):
+                    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    block = model[a:b]
+    frozen = copy.deepcopy(block).requires_grad_(False)  # the theta_k copy
+    pipe = Pipe(comm, block, frozen, objective)
+    glob = BlockCore(sub, config, comm)
+    evaluator = PipeEvaluator(model, pipe, sub, Subdomain.whole(list(frozen.parameters())), comm,
+                              glob, bounds, micro_batch=o["micro_batch"], local_iters=o["local_iters"])
+    return SimpleNamespace(
+        config=config, whole=sub, theta=torch.empty(sub.numel, dtype=sub.dtype, device=sub.device),
+        subdomains=[sub], offsets=None, slices={rank: (0, sub.numel)},
+        local={rank: TrustRegionCore(sub, local_config)}, global_core=glob, group=Comm(None),
+        n_subdomains=world, n_shares=world, replicas=1, subdomain_id=rank, gradient_k=None,
+        evaluator=evaluator, local_phase=LocalPhase(o["local_iters"], o["local_fraction"]),
+        combiner=PipeCombiner(comm),
+        coordinator=Coordinator(comm, config, o["acceptance"], o["window"], sub.dtype),
+        sub=sub, pipe=pipe, block=block, bounds=bounds)
 
-    The other blocks' parameters of the ``model`` passed in are released (emptied) on this rank;
-    :meth:`model_state` gathers the whole state dict on rank 0 and :meth:`evaluation` gives a
-    module whose forward runs the pipe (every rank calls it with the same inputs).
-    """
 
-    def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
-        o = options.resolve("apts", keywords)  # seed and example: no use here (stages, no drawing)
-        join(model, comm)  # launch check; rank 0's whole model on every rank, before blocks are cut
-        self.model, self.objective = model, as_objective(objective)
-        self.comm = Comm(comm)
-        world, rank = self.comm.size, self.comm.rank
-        check(model, self.objective, o, world)
-        self.replicas, self.n_subdomains = 1, world
-        self.local_iters, self.global_iters, self.window = o["local_iters"], o["global_iters"], o["window"]
-        self.local_fraction, self.acceptance, self.foc = o["local_fraction"], o["acceptance"], False
-        self.micro_batch = o["micro_batch"]
-        base = {k: o[k] for k in options.options("trust-region") if k != "model"}
-        self.config = TrustRegionConfig(model=o["global_model"], **base)
-        local_config = TrustRegionConfig(model=o["local_model"], **base)
-        self.radius = self.config.radius
+class PipeEvaluator:
+    """f and this block's gradient through the pipe.  Round 0 of a local phase (its ``start``) is
+    one pipelined forward and backward at theta_k, which caches the block inputs; each trial of
+    the local phase is one probe round (:meth:`Pipe.probe_round`), and a rank whose phase stopped
+    keeps serving until ``local_iters`` rounds are done.  ``params_held``: the network's parameter
+    scalars materialised on this rank."""
 
-        self.bounds = stage_bounds(model, world)
-        a, b = self.bounds[rank], self.bounds[rank + 1]
-        self.block = model[a:b]
-        part = decompose(model, world, "stages")[rank]
-        self.sub = Subdomain(part.params, part.pieces)
-        self.whole = self.sub  # this rank's coordinates of every n-vector
-        self.params_held = self.sub.numel
-        with torch.no_grad():  # release the other blocks
-            for i, child in enumerate(model):
-                if not a <= i < b:
-                    for t in list(child.parameters()) + list(child.buffers()):
-                        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        self.frozen = copy.deepcopy(self.block).requires_grad_(False)  # the theta_k copy
-        self.frozen_sub = Subdomain.whole([p for p in self.frozen.parameters()])
-        self.pipe = Pipe(self.comm.comm, self.block, self.frozen, self.objective)
+    def __init__(self, model, pipe: Pipe, sub, frozen_sub, comm: Comm, counter, bounds, *,
+                 micro_batch, local_iters):
+        self.model, self.pipe, self.sub, self.frozen_sub = model, pipe, sub, frozen_sub
+        self.comm, self.counter, self.bounds = comm, counter, bounds
+        self.micro_batch, self.local_iters = micro_batch, local_iters
+        self.params_held = sub.numel
+        self.bytes_per_link = (0, 0)
 
-        self.subdomain_id = rank
-        self.local = {rank: TrustRegionCore(self.sub, local_config)}
-        self.global_core = BlockCore(self.sub, self.config, self.comm.comm)
-        self.n_shares = world
-        kw = dict(dtype=self.sub.dtype, device=self.sub.device)
-        m = self.sub.numel
-        self.theta = torch.empty(m, **kw)
-        self.correction = torch.zeros(m, **kw)
-        self.trial_grad = torch.empty(m, **kw) if self.global_iters else None
-        self.grad0 = torch.zeros(m, **kw)
-        self.history = deque(maxlen=self.window)
-        self.report = IterationReport()
-        self.iteration = 0
+    def begin(self, batch, theta, iteration) -> None:
+        """The N shares of the serial emulation, each in micro-batches; theta_k into the copy."""
+        n = self.comm.size
+        self.B = batch_size(batch)
+        self.pieces = [piece for p in range(n) for piece in chunks(share(batch, p, n), self.micro_batch)]
+        self.frozen_sub.scatter(theta)
+        self.bytes0 = (self.pipe.bytes_down, self.pipe.bytes_up)
 
-    # -- evaluations ------------------------------------------------------------------------------
-    def _full(self, pieces, B, grad_out=None, inputs=None):
+    def _full(self, grad_out=None, inputs=None):
         """f over the pieces at the current parameters (the value the serial emulation's shared
         evaluation returns, same type and bits); with ``grad_out`` this block's gradient / B."""
-        loss = self.pipe.full_pass(pieces, grad_out is not None, inputs)
+        loss = self.pipe.full_pass(self.pieces, grad_out is not None, inputs)
         if grad_out is None:
-            return float(loss) / B
+            return float(loss) / self.B
         self.sub.gather(grad_out, grad=True)
-        grad_out.div_(B)
-        return loss / B
+        grad_out.div_(self.B)
+        return loss / self.B
 
-    def _checked(self, pieces, B):
+    def start(self):
+        return None  # f(theta_k) is every local phase's round 0
+
+    def reference(self):
+        return None
+
+    def trial(self, grad_out=None) -> float:
+        self.counter.count_evaluation(loss=1, grad=int(grad_out is not None))
+        return float(self._full(grad_out))
+
+    @contextmanager
+    def local(self, d, core, a, b):
+        """This block's local objective: probe rounds; round 0 is ``start``."""
+        inputs, rounds = [], [0]
+
+        def start(grad0):
+            core.count_evaluation(loss=1, grad=1)
+            return float(self._full(grad0, inputs))
+
+        def f_d(grad_out=None):
+            rounds[0] += 1
+            loss = self.pipe.probe_round(inputs, self.pieces, GRAD if grad_out is not None else LOSS)
+            if grad_out is None:
+                return float(loss) / self.B
+            self.sub.gather(grad_out, grad=True)
+            grad_out.div_(self.B)
+            return loss / self.B
+        yield LocalObjective(f_d, self.B, start)
+        for _ in range(self.local_iters - rounds[0]):  # serve the ranks still iterating
+            self.pipe.probe_round(inputs, self.pieces, 0)
+
+    def global_objective(self):
         """The global pass's evaluation: NaN where any block's gradient is not finite (the serial
         engine's finiteness test sees the whole gradient; here rank 0's sees its block only)."""
         def evaluate(grad_out=None):
-            loss = self._full(pieces, B, grad_out)
+            loss = self._full(grad_out)
             bad = grad_out is not None and not bool(torch.isfinite(grad_out).all())
             if self.comm.sum_scalars([float(bad)])[0]:
                 return torch.as_tensor(math.nan, dtype=self.sub.dtype)
             return loss
         return evaluate
 
-    def _local_phase(self, core, inputs, pieces, B, loss0):
-        """Rounds 1..local_iters: this rank's local solve; returns delta_d."""
-        rounds = 0
-
-        def f_d(grad_out=None):
-            nonlocal rounds
-            rounds += 1
-            loss = self.pipe.probe_round(inputs, pieces, GRAD if grad_out is not None else LOSS)
-            if grad_out is None:
-                return float(loss) / B
-            self.sub.gather(grad_out, grad=True)
-            grad_out.div_(B)
-            return loss / B
-
-        core.set_gradient(self.grad0)
-        core.set_radius(self.local_fraction * self.radius)
-        loss = core.run(f_d, self.local_iters, loss=loss0, box=self.local_fraction * self.radius,
-                        loss_only=True)
-        for _ in range(self.local_iters - rounds):  # serve the ranks still iterating
-            self.pipe.probe_round(inputs, pieces, 0)
-        self.correction.copy_(core.offset)
-        self.sub.scatter(self.theta)
-        return max(loss0 - loss, 0.0)
-
-    # -- the iteration ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, *batch) -> float:
-        """One APTS iteration on the minibatch (the same on every rank); returns the new loss."""
-        batch = as_batch(batch)
-        t_start = time.perf_counter()
-        comm, core, glob = self.comm, self.local[self.comm.rank], self.global_core
-        r = IterationReport()
-        bytes0 = (self.pipe.bytes_down, self.pipe.bytes_up)
-        before = (core.counters.loss_evals, core.counters.grad_evals)
-        global_before = self._global_counts()
-        B, pieces = batch_size(batch), self._pieces(batch, range(self.n_shares))
-        self.sub.gather(self.theta)
-        self.frozen_sub.scatter(self.theta)
-
-        # 1. round 0: f(theta_k), R_d grad f(theta_k) and the cached block inputs
-        t0 = time.perf_counter()
-        inputs = []
-        loss0 = float(self._full(pieces, B, self.grad0, inputs))
-        core.count_evaluation(loss=1, grad=1)
-        broken = not math.isfinite(loss0)  # the same on every rank (broadcast)
-        delta = 0.0 if broken else self._local_phase(core, inputs, pieces, B, loss0)
-        del inputs
-        r.local_loss_evals = core.counters.loss_evals - before[0]
-        r.local_grad_evals = core.counters.grad_evals - before[1]
-        r.seconds_local = r.seconds_local_max = time.perf_counter() - t0
-
-        # 2. combination: pred summed in rank order on the coordinator
-        deltas = comm.comm.gather(delta, root=0)
-        pred = 0.0
-        for v in deltas or []:
-            pred += v
-        local_loss_evals, local_grad_evals = comm.sum_scalars([r.local_loss_evals, r.local_grad_evals])
-        r.local_loss_evals_total, r.local_grad_evals_total = int(local_loss_evals), int(local_grad_evals)
-        r.step_inf = comm.comm.allreduce(float(torch.linalg.vector_norm(self.correction, math.inf)),
-                                         op=MPI.MAX)
-
-        # 3. acceptance and global pass
-        t0 = time.perf_counter()
-        need_grad = self.global_iters > 0
-        if broken:
-            loss0 = trial = loss = rho = math.nan
-            accept = False
-        else:
-            self.sub.add_(self.correction)
-            trial = float(self._full(pieces, B, self.trial_grad if need_grad else None))
-            glob.count_evaluation(loss=1, grad=int(need_grad))
-            accept, rho, loss0, trial, pred, loss, gradient = self._settle(loss0, trial, pred,
-                                                                           self.grad0)
-        if self.global_iters and not broken:
-            glob.set_gradient(gradient)
-            glob.set_radius(self.radius)
-            loss = glob.run(self._checked(pieces, B), self.global_iters, loss=loss, agree=comm.bcast,
-                            loss_only=True)
-            self.radius = glob.radius
-        r.seconds_global = time.perf_counter() - t0
-
-        self._report_outcome(r, global_before, loss0, trial, loss, pred, rho, accept)
-        r.seconds = time.perf_counter() - t_start
-        self.bytes_per_link = (self.pipe.bytes_down - bytes0[0], self.pipe.bytes_up - bytes0[1])
-        self.report = r
-        self.iteration += 1
-        return loss
-
-    def record(self) -> dict:
-        return dict(super().record(), params_held=self.params_held)
+    def sync(self) -> None:
+        """End of the iteration: running statistics stay per block; the bytes sent per link."""
+        self.bytes_per_link = (self.pipe.bytes_down - self.bytes0[0], self.pipe.bytes_up - self.bytes0[1])
 
     # -- the model outside the iteration ----------------------------------------------------------
     def model_state(self, model, comm):
@@ -274,12 +217,11 @@ class ModelParallelAPTS(APTS):
         collective.  Keys and values are those of the model before it was split."""
         a, b = self.bounds[self.comm.rank], self.bounds[self.comm.rank + 1]
         mine = {f"{i}.{k}": v for i in range(a, b) for k, v in self.model[i].state_dict().items()}
-        parts = self.comm.comm.gather(mine, root=0)
+        parts = self.comm.gather_object(mine, root=0)
         if parts is None:
             return None
-        keys = list(self.model.state_dict())
         merged = {k: v for part in parts for k, v in part.items()}
-        return {k: merged[k] for k in keys}
+        return {k: merged[k] for k in self.model.state_dict()}
 
     def load_model_state(self, model, state: dict) -> None:
         """This rank's block from a whole model's state dict (as :meth:`model_state` returns)."""
@@ -292,18 +234,41 @@ class ModelParallelAPTS(APTS):
     def evaluation(self, model, comm):
         """A module whose forward runs the pipe, with a one-rank Comm: every rank evaluates every
         sample (the same inputs on every rank) and gets the last block's output (broadcast)."""
-        return PipelineModule(self), Comm(None)
+        return PipelineModule(self.pipe, self.comm), Comm(None)
+
+
+class PipeCombiner:
+    """s: this rank's block correction; pred: the blocks' decreases summed in rank order on the
+    coordinator (as the serial emulation sums them); ||s||_inf: the largest over the blocks."""
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+
+    def begin(self, correction) -> None:
+        """Before the local phase (it writes all of this block's s)."""
+
+    def collect(self, correction, a, b, offset, weight) -> None:
+        correction.copy_(offset)
+
+    def combine(self, correction, delta, loss_evals, grad_evals, broken):
+        pred = 0.0
+        for v in self.comm.gather_object(delta, root=0) or []:
+            pred += v
+        loss_evals, grad_evals, broken = self.comm.sum_scalars([loss_evals, grad_evals, broken])
+        step_inf = max(self.comm.allgather_object(float(torch.linalg.vector_norm(correction, math.inf))))
+        return pred, int(loss_evals), int(grad_evals), broken, step_inf
+
+    def gradient(self, grad0):
+        return grad0  # this block's R_d grad f(theta_k), from round 0
 
 
 class PipelineModule(torch.nn.Module):
     """``forward(x)``: rank 0 applies block 0 to x, each rank passes its output on, the last
     rank's output is broadcast; the same on every rank.  Collective."""
 
-    def __init__(self, optimizer: ModelParallelAPTS):
+    def __init__(self, pipe: Pipe, comm: Comm):
         super().__init__()
-        self.block = optimizer.block
-        self.pipe = optimizer.pipe
-        self.comm = optimizer.comm.comm
+        self.block, self.pipe, self.comm = pipe.block, pipe, comm
 
     @torch.no_grad()
     def forward(self, x):
@@ -313,8 +278,8 @@ class PipelineModule(torch.nn.Module):
         y = self.block(x)
         if not pipe.last:
             pipe._send(pipe.rank + 1, pipe._spec(y), [y])
-        spec = self.comm.bcast(pipe._spec(y) if pipe.last else None, root=pipe.size - 1)
+        spec = self.comm.bcast_object(pipe._spec(y) if pipe.last else None, root=pipe.size - 1)
         out = y.detach().cpu().contiguous() if pipe.last else \
             torch.empty(spec[0], dtype=getattr(torch, spec[1]))
-        self.comm.Bcast(out.numpy(), root=pipe.size - 1)
+        self.comm.bcast_(out, root=pipe.size - 1)
         return out.to(y.device)

@@ -22,14 +22,13 @@ serial emulation (docs/method.md, "Model-parallel APTS").
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 LOSS, GRAD = 1, 2  # a probe that wants its loss, or its loss and gradient
 
 
 class Pipe:
-    """Messages between neighbouring ranks of ``comm`` (an mpi4py communicator), with byte counts.
+    """Messages between neighbouring ranks of ``comm`` (a :class:`~apts_mpi.comm.Comm`), with byte counts.
 
     ``block`` is this rank's block (current parameters), ``frozen`` its copy at theta_k (parameters
     without gradients), ``objective`` an Objective with ``sequential_inputs`` (the last rank calls
@@ -38,19 +37,19 @@ class Pipe:
 
     def __init__(self, comm, block, frozen, objective):
         self.comm, self.block, self.frozen, self.objective = comm, block, frozen, objective
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.rank, self.size = comm.rank, comm.size
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.bytes_down = self.bytes_up = 0  # sent by this rank to rank + 1 / rank - 1
 
     # -- messages ---------------------------------------------------------------------------------
     def _send(self, dest: int, header, tensors) -> None:
-        self.comm.send(header, dest=dest)
+        self.comm.send(header, dest)
         sent = 0
         for t in tensors:
             t = t.detach().contiguous()
             if t.device.type != "cpu":
                 t = t.cpu()
-            self.comm.Send(t.numpy(), dest=dest)
+            self.comm.send_(t, dest)
             sent += t.numel() * t.element_size()
         if dest > self.rank:
             self.bytes_down += sent
@@ -60,11 +59,11 @@ class Pipe:
     def _recv(self, source: int, shapes):
         """The header from ``source`` and the tensors it announces (``shapes(header)``: their
         (shape, dtype) list)."""
-        header = self.comm.recv(source=source)
+        header = self.comm.recv(source)
         out = []
         for shape, dtype in shapes(header):
             t = torch.empty(shape, dtype=getattr(torch, dtype))
-            self.comm.Recv(t.numpy(), source=source)
+            self.comm.recv_(t, source)
             out.append(t.to(self._device))
         return header, out
 
@@ -121,11 +120,11 @@ class Pipe:
     def _share_loss(self, loss, pieces):
         """The last rank's loss sum, on every rank (its dtype and bits kept)."""
         dtype = next(self.block.parameters()).dtype
-        buf = np.zeros(1, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+        buf = torch.zeros(1, dtype=dtype)
         if self.last:
             buf[0] = (loss if loss is not None else torch.zeros((), dtype=dtype)).item()
-        self.comm.Bcast(buf, root=self.size - 1)
-        return torch.as_tensor(buf[0], dtype=dtype)
+        self.comm.bcast_(buf, root=self.size - 1)
+        return buf[0].clone()
 
     # -- a round of the local phases --------------------------------------------------------------
     def probe_round(self, inputs, pieces, own: int):

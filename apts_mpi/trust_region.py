@@ -33,20 +33,51 @@ import torch
 
 from . import options
 from .decomposition import Subdomain
+from .solvers import make_solver
 
 BOUNDARY_FRACTION = 0.8   # ||s|| >= 0.8 radius counts as a boundary step (N&W Alg. 6.2)
-CAUCHY_FRACTION = 0.1     # a quasi-Newton step must give >= 0.1 x the Cauchy decrease (N&W 4.20)
 ROUNDING = 10.0           # |actual|, |pred| <= 10 eps max(1, |f|): rho = 1 (Conn, Gould, Toint 17.4.2)
 
 
-def update_radius(radius: float, rho: float, *, eta1: float, eta2: float, decrease: float,
+def _where(condition, a, b):
+    """``a if condition else b`` for host values; ``torch.where`` for device tensors (branch-free)."""
+    if isinstance(condition, torch.Tensor):
+        return torch.where(condition, a, b)
+    return a if condition else b
+
+
+def _floor(value, low):
+    return value.clamp(min=low) if isinstance(value, torch.Tensor) else max(value, low)
+
+
+def _ceiling(value, high):
+    return value.clamp(max=high) if isinstance(value, torch.Tensor) else min(value, high)
+
+
+def ratio(actual, pred, finite, loss, eps: float):
+    """rho = actual / predicted decrease, the rule written once (docs/method.md section 4).
+
+    rho = -inf when ``finite`` is False (a non-finite trial, or no decrease predicted); rho = 1 when
+    the actual and the predicted decrease are both at rounding level, |actual|, |pred| <=
+    10 eps max(1, |f|) with f = ``loss`` and eps that of the parameters' dtype (Conn, Gould, Toint
+    section 17.4.2).  Host floats (the host engine, the coordinator) or float64 device tensors
+    (:meth:`TrustRegionCore.run_on_device`): the same float64 operations either way.
+    """
+    rounding = _floor(abs(loss), 1.0) * (ROUNDING * eps)
+    at_rounding = (abs(actual) <= rounding) & (abs(pred) <= rounding)
+    quotient = actual / pred if isinstance(pred, torch.Tensor) or pred else math.nan
+    return _where(finite, _where(at_rounding, 1.0, quotient), -math.inf)
+
+
+def update_radius(radius, rho, *, eta1: float, eta2: float, decrease: float,
                   increase: float, min_radius: float, max_radius: float,
-                  step_norm: float | None = None) -> float:
+                  step_norm: float | None = None):
     """The radius rule, written once (docs/method.md section 4; Nocedal & Wright Alg. 4.1).
 
     ``step_norm`` is ||s|| in the trust-region norm; None means the step reached the boundary
     (||s|| = radius, every first-order step).  A step counts as reaching it when
-    ||s|| >= 0.8 radius (SciPy's ``hits_boundary``, N&W Alg. 6.2).
+    ||s|| >= 0.8 radius (SciPy's ``hits_boundary``, N&W Alg. 6.2).  Host floats, or float64 device
+    tensors for ``radius`` and ``rho`` (branch-free, :meth:`TrustRegionCore.run_on_device`).
 
     ====================================  ===========================================
     rho                                   new radius
@@ -57,11 +88,12 @@ def update_radius(radius: float, rho: float, *, eta1: float, eta2: float, decrea
     rho > eta2, ||s|| < 0.8 radius        radius (an interior step says nothing about it)
     ====================================  ===========================================
     """
-    if not rho >= eta1:  # also catches NaN
-        return max(decrease * (radius if step_norm is None else min(radius, step_norm)), min_radius)
-    if rho > eta2 and (step_norm is None or step_norm >= BOUNDARY_FRACTION * radius):
-        return min(increase * radius, max_radius)
-    return radius
+    shrunk = _floor(decrease * (radius if step_norm is None else min(radius, step_norm)), min_radius)
+    grow = rho > eta2
+    if step_norm is not None:
+        grow = grow and step_norm >= BOUNDARY_FRACTION * radius
+    kept = _where(grow, _ceiling(increase * radius, max_radius), radius)
+    return _where(rho >= eta1, kept, shrunk)  # not rho >= eta1 also catches NaN
 
 
 class TrustRegionConfig:
@@ -77,6 +109,14 @@ class TrustRegionConfig:
     def radius_rule(self):
         return dict(eta1=self.eta1, eta2=self.eta2, decrease=self.decrease, increase=self.increase,
                     min_radius=self.min_radius, max_radius=self.max_radius)
+
+
+def engine_configs(keywords: dict):
+    """(the global pass's, the local phases' engine constants) from APTS's keywords: the
+    trust-region keywords with ``global_model`` and ``local_model`` as their models."""
+    base = {k: keywords[k] for k in options.options("trust-region") if k != "model"}
+    return (TrustRegionConfig(model=keywords["global_model"], **base),
+            TrustRegionConfig(model=keywords["local_model"], **base))
 
 
 @dataclass
@@ -123,25 +163,19 @@ class TrustRegionCore:
         self.step, self.saved = torch.empty(n, **kw), torch.empty(n, **kw)
         self.grad_current = True
         self.offset = None  # accumulated step u, allocated on the first boxed run
-        self.qn = None
-        if config.model != "first-order":
-            from .quasi_newton import LimitedMemoryMatrix
-            self.qn = LimitedMemoryMatrix(config.model, config.memory, n, **kw)
+        self.solver = make_solver(config, n, **kw)  # the local solver (apts_mpi.solvers)
+        self.qn = getattr(self.solver, "qn", None)  # its quasi-Newton matrix, whose pairs run stores
         # what ratio_decision needs beyond (actual, pred, finite): set by run before each decision
         self.step_norm, self.loss = None, 0.0
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"radius": self.radius, "counters": asdict(self.counters)}
-        if self.qn is not None:
-            state["qn"] = self.qn.state_dict()
-        return state
+        return {"radius": self.radius, "counters": asdict(self.counters), **self.solver.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = float(state["radius"])
         self.counters = Counters(**state["counters"])
-        if self.qn is not None:
-            self.qn.load_state_dict(state["qn"])
+        self.solver.load_state_dict(state)
 
     # -- the iteration ----------------------------------------------------------------------------
     def counted_evaluation(self, evaluate, grad_out):
@@ -152,24 +186,21 @@ class TrustRegionCore:
         return loss
 
     def _propose(self, radius: float, gtol: float = 0.0, box: float | None = None):
-        """Write the step for ``radius`` into self.step (clipped by ``box``, see :meth:`_project`);
-        return (model decrease, ||s|| or None).
+        """The local solver's step for ``radius`` into self.step (clipped by ``box``, see
+        :meth:`_project`); return (model decrease, ||s|| or None).
 
         The decrease is 0 (no step) when ||g||_inf <= gtol or the gradient is not finite.  The norm
-        is None for a step on the boundary by construction (every first-order step).  A first-order
-        step is formed on the device from the gradient's norms and projected before anything is
-        read: the norms and the projected step's decrease reach the host in one transfer.  The step
-        factor -radius / ||g|| is formed in float64 and rounded to the parameters' dtype, as the
-        multiplication by a host float does, so the step is bitwise the one formed from host values.
-        (With no step to take, self.step holds whatever that gives; nothing reads it.)
+        is None for a step on the boundary by construction (every first-order step).  A solver that
+        needs only g and its norms (``device``) forms the step on the device and it is projected
+        before anything is read: the norms and the projected step's decrease reach the host in one
+        transfer.  (With no step to take, self.step holds whatever that gives; nothing reads it.)
         """
-        g, s, cfg = self.grad, self.step, self.config
+        g, s, solver = self.grad, self.step, self.solver
         norm = torch.linalg.vector_norm  # reductions: no n-sized temporaries
         norms = [norm(g, math.inf), g.dot(g), norm(g, 1)]
-        quasi_newton = self.qn is not None and len(self.qn)
-        on_device = not (quasi_newton or self.partial_gradient)
+        on_device = solver.device and not self.partial_gradient
         if on_device:
-            self._first_order_step(radius, norms)
+            solver.form(g, s, radius, *norms)
             if box is not None:
                 norms.append(-g.dot(self._clip(box)))
         values = torch.stack(norms).tolist()
@@ -177,30 +208,13 @@ class TrustRegionCore:
         g_inf, g_2sq, g_1 = values[:3]
         if not (g_inf > gtol and math.isfinite(g_2sq)):
             return 0.0, None
-        g_norm = g_inf if cfg.norm == "inf" else math.sqrt(g_2sq)
-        if quasi_newton:
-            pred, step_norm = self._quasi_newton(radius, g_norm, g_2sq)
-            return (self._project(box) if box is not None and pred > 0 else pred), step_norm
-        if not on_device:  # a block of the gradient: the step from the reduced norms, on the host
-            if box is not None:
-                raise ValueError("a box needs the whole gradient on this rank")
-            if cfg.step == "sign":
-                torch.sign(g, out=s).mul_(-radius)
-            else:
-                torch.mul(g, -radius / g_norm, out=s)
-        pred = radius * g_1 if cfg.step == "sign" else radius * g_2sq / g_norm
-        return (values[3] if box is not None and pred > 0 else pred), None
-
-    def _first_order_step(self, radius, norms) -> None:
-        """The first-order step for ``radius`` (a float, or a 0-dim float64 tensor on the device)
-        into self.step, on the device, from ``norms`` = [||g||_inf, ||g||_2^2, ||g||_1] (tensors)."""
-        g, s = self.grad, self.step
-        if self.config.step == "sign":
-            torch.sign(g, out=s).mul_(-radius)
-        else:
-            g_norm = norms[0] if self.config.norm == "inf" else norms[1].double().sqrt()
-            factor = -torch.as_tensor(radius, dtype=torch.float64, device=g.device) / g_norm.double()
-            torch.mul(g, factor.to(g.dtype), out=s)
+        if on_device:
+            pred = solver.decrease(radius, g_inf, g_2sq, g_1)
+            return (values[3] if box is not None and pred > 0 else pred), None
+        if box is not None and self.partial_gradient:
+            raise ValueError("a box needs the whole gradient on this rank")
+        pred, step_norm = solver.solve(self, radius, g_inf, g_2sq, g_1)  # on the host
+        return (self._project(box) if box is not None and pred > 0 else pred), step_norm
 
     #: True where self.grad is one block of a gradient split over ranks (model-parallel APTS): the
     #: norms are reduced by :meth:`_reduce_norms` before the step is formed (on the host)
@@ -209,35 +223,6 @@ class TrustRegionCore:
     def _reduce_norms(self, values):
         """[||g||_inf, ||g||_2^2, ||g||_1] of the whole gradient from this rank's (a subclass reduces)."""
         return values
-
-    def _quasi_newton(self, radius: float, g_norm: float, g_2sq: float):
-        """The quasi-Newton step, or the Cauchy point of the same model when it is not good enough.
-
-        2-norm: the exact minimiser of the model in the ball (N&W Alg. 4.3).  inf-norm: the exact
-        minimiser in the 2-ball of radius sqrt(n) radius (which contains the inf-ball), clipped to
-        ||s||_inf <= radius, so that the step is not sqrt(n) times shorter than the first-order one.
-        The Cauchy point s_c = -t g, t = min(radius / ||g||, g^T g / g^T B g) (N&W eqs. 4.11-4.12 in
-        either norm) replaces the step when its decrease is not >= 0.1 x that of s_c (N&W 4.20): a
-        decrease the exact minimiser always exceeds, so failing it in the 2-norm means the
-        representation of B has lost its accuracy, and the memory is cleared.  Every decrease is
-        computed in the representation the solver used (``LimitedMemoryMatrix.model_decrease``).
-        """
-        g, s, qn, inf = self.grad, self.step, self.qn, self.config.norm == "inf"
-        step, _ = qn.solve(g, radius * math.sqrt(g.numel()) if inf else radius)
-        clipped = inf and float(torch.linalg.vector_norm(step, math.inf)) > radius
-        s.copy_(step.clamp_(-radius, radius) if inf else step)
-        pred = qn.model_decrease(g, s)
-        gBg = qn.curvature(g)
-        t = radius / g_norm if not gBg > 0 else min(radius / g_norm, g_2sq / gBg)
-        cauchy = t * g_2sq - 0.5 * t * t * gBg
-        if pred >= CAUCHY_FRACTION * cauchy:
-            return pred, float(torch.linalg.vector_norm(s, math.inf if inf else 2))
-        torch.mul(g, -t, out=s)
-        self.counters.fallbacks += 1
-        if not clipped:
-            qn.reset()
-            self.counters.memory_resets += 1
-        return cauchy, t * g_norm
 
     def _clip(self, box: float) -> torch.Tensor:
         """Clip u + s to the box |u_i| <= box: s becomes the step actually taken; returns s."""
@@ -258,13 +243,7 @@ class TrustRegionCore:
         |actual|, |pred| <= 10 eps max(1, |f|) (Conn, Gould, Toint section 17.4.2); the radius rule
         sees ``self.step_norm`` (set by ``run``).
         """
-        tol = ROUNDING * torch.finfo(self.step.dtype).eps * max(1.0, abs(self.loss))
-        if not finite:
-            rho = float("-inf")
-        elif abs(actual) <= tol and abs(pred) <= tol:
-            rho = 1.0
-        else:
-            rho = actual / pred
+        rho = ratio(actual, pred, finite, self.loss, torch.finfo(self.step.dtype).eps)
         accept = finite and rho >= self.config.eta1
         return accept, rho, update_radius(self.radius, rho, **self.config.radius_rule(),
                                           step_norm=self.step_norm)
@@ -349,8 +328,9 @@ class TrustRegionCore:
         Returns the host values of [final loss, *read] (``read``: 0-dim tensors the caller wants in
         the same transfer).
         """
-        if self.qn is not None or self.partial_gradient:
-            raise ValueError("run_on_device needs the first-order model and the whole gradient")
+        if not self.solver.device or self.qn is not None or self.partial_gradient:
+            raise ValueError("run_on_device needs a first-order step formed on the device and the "
+                             "whole gradient")
         cfg, s, dev = self.config, self.step, self.step.device
         f64 = dict(dtype=torch.float64, device=dev)
 
@@ -363,7 +343,7 @@ class TrustRegionCore:
         grad_current = going.clone()
         tally = torch.zeros(3, **f64)  # accepted, rejected, non-finite trials
         rho_last = torch.tensor(self.counters.rho, **f64)
-        tol = ROUNDING * torch.finfo(s.dtype).eps  # times max(1, |f|): ratio_decision's rounding level
+        eps = torch.finfo(s.dtype).eps  # ratio's rounding level
         if box is not None:
             if self.offset is None:
                 self.offset = torch.zeros_like(self.grad)
@@ -373,10 +353,9 @@ class TrustRegionCore:
             r = radius if box is None else radius.clamp(max=box)
             g = self.grad
             norms = [norm(g, math.inf), g.dot(g), norm(g, 1)]
-            self._first_order_step(r, norms)
+            self.solver.form(g, s, r, *norms)
             g_inf, g_2sq, g_1 = (v.double() for v in norms)
-            g_norm = g_inf if cfg.norm == "inf" else g_2sq.sqrt()
-            pred = r * g_1 if cfg.step == "sign" else r * g_2sq / g_norm
+            pred = self.solver.decrease(r, g_inf, g_2sq, g_1)
             if box is not None:
                 pred = torch.where(pred > 0, -g.dot(self._clip(box)).double(), pred)
             going &= (g_inf > 0) & torch.isfinite(g_2sq) & (pred > 0)
@@ -389,14 +368,10 @@ class TrustRegionCore:
             finite = torch.isfinite(trial)
             if need_grad:
                 finite &= torch.isfinite(norm(self.trial_grad, math.inf))
-            actual = loss - trial
-            rounding = loss.abs().clamp(min=1.0) * tol
-            rho = torch.where((actual.abs() <= rounding) & (pred.abs() <= rounding), 1.0, actual / pred)
-            rho = torch.where(finite, rho, -math.inf)
+            rho = ratio(loss - trial, pred, finite, loss, eps)
             good = rho >= cfg.eta1
             accept = going & finite & good
-            grown = torch.where(rho > cfg.eta2, (radius * cfg.increase).clamp(max=cfg.max_radius), radius)
-            updated = torch.where(good, grown, (radius * cfg.decrease).clamp(min=cfg.min_radius))
+            updated = update_radius(radius, rho, **cfg.radius_rule())
             at_floor = radius <= cfg.min_radius
             radius = torch.where(going, updated, radius)
             tally += torch.stack([accept, going & ~accept, going & ~finite])

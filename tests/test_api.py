@@ -109,9 +109,9 @@ def test_every_optimiser_starts_from_rank_0s_parameters_and_buffers(tmp_path):
 
 def readme_snippet():
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README.md has no Python snippet"
-    return blocks[0]
+    block = re.search(r"From Python \(runs as pasted.*?```python\n(.*?)```", text, flags=re.S)
+    assert block, "README.md has no 'From Python (runs as pasted ...' snippet"
+    return block.group(1)
 
 
 def test_the_readme_snippet_runs_as_pasted_on_one_process(tmp_path):

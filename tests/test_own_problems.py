@@ -34,11 +34,12 @@ def not_a_module(input_shape, outputs):
 OWN_PROBLEM = '''
 import torch
 from apts_mpi.objective import SampleLoss
+from apts_mpi.options import Option
 from apts_mpi.problems import Problem
 
 class LeastSquares(Problem):
     datasets = ("least-squares",)
-    data_keys = {"samples": (64, int, (lambda v: v > 0, "> 0"))}
+    data_keys = {"samples": Option("samples", 64, int, check=lambda v: v > 0, rule="must be > 0")}
     models = ("linear",)
     metrics = ("loss",)
     target = ("loss", "min")
@@ -161,7 +162,8 @@ def test_own_problem_by_import_path_from_the_cli(user_code):
     ({"data": {"dataset": "myproblem:LeastSquares", "sample": 3}, "model": {"name": "linear"}},
      "data.sample: unknown key"),
     ({"data": {"dataset": "myproblem:LeastSquares"}, "model": {"name": "mynets:make"}},
-     "model.name: must be one of linear for data set"),
+     "model.name must be one of linear; got 'mynets:make'"),
+    ({"data": {"dataset": "tensors", "train": "train.npz"}}, "model.name 'mlp-digits': expected an import path"),
 ])
 def test_bad_own_input_is_one_line(user_code, cfg, words, monkeypatch):
     from mpi4py import MPI

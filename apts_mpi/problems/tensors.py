@@ -23,10 +23,10 @@ import torch
 from ..comm import Comm
 from ..data import DataError
 from ..objective import SampleLoss
+from ..options import Option
 from .base import Problem
 from .classification import evaluate as evaluate_classification
 
-_path = (None, (str, type(None)), None)
 
 
 def load_tensors(path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def load_tensors(path) -> tuple[torch.Tensor, torch.Tensor]:
 
 class TensorProblem(Problem):
     datasets = ("tensors",)
-    data_keys = {"train": _path, "test": _path}
+    data_keys = {k: Option(k, None, (str, type(None))) for k in ("train", "test")}
     models = ()           # a factory by import path only
     import_models = True
     data_labels = {"train_x": "training inputs", "test_x": "test inputs",
