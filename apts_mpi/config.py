@@ -10,6 +10,7 @@ A config has four sections; every key has a default, so a file names only what d
     target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
     stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
+    watchdog_s: null            # no progress for this long: exit 75 (null: automatic, 0: off)
     data:      {dataset: digits, root: null, download: false, batch_size: 100000, overlap: 0.0}
     model:     {name: mlp-digits, head: logits, dtype: float32}
     optimizer: {method: apts, ...keywords of that method...}
@@ -91,6 +92,10 @@ TOP = {o.name: o for o in (
     Option("target", None, (float, int, type(None))),
     Option("stall_iterations", 100, int, **_POSITIVE),
     Option("device", "auto", str, **options.choice("auto", "cpu", "cuda")),
+    # seconds without progress before a rank ends the run for a requeue (apts_mpi/watchdog.py);
+    # null: 10 x the slowest iteration, at least 5 minutes; 0: off
+    Option("watchdog_s", None, (float, int, type(None)), check=lambda v: v >= 0,
+           rule="must be >= 0 (0: off)"),
 )}
 DATA = {o.name: o for o in (
     Option("dataset", "digits", str, check=lambda v: v in PROBLEMS or ":" in v,  # or an import path
@@ -210,7 +215,7 @@ def load(path, overrides=()) -> dict:
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
 RESUMABLE = ("epochs", "checkpoint_every", "log_interval_s", "name", "target_accuracy", "target",
-             "stall_iterations")
+             "stall_iterations", "watchdog_s")
 
 
 def digest(config: dict) -> str:
