@@ -65,6 +65,7 @@ from .iteration.combiner import AverageCombiner, SumCombiner
 from .iteration.coordinator import Coordinator
 from .iteration.evaluator import Evaluator
 from .iteration.local_phase import FirstOrderConsistency, LocalPhase
+from .launch import join
 from .objective import as_objective
 from .optimizer import Optimizer, as_batch
 from .trust_region import TrustRegionCore, engine_configs
@@ -216,6 +217,7 @@ class APTS(Optimizer):
 
     def __init__(self, model, objective, comm=None, *, seed=0, example=None, **keywords):
         o = options.resolve("apts", keywords)
+        join(model, comm)  # launch check; rank 0's parameters and buffers on every rank (as DDP)
         self.model, self.objective, self.comm = model, as_objective(objective), Comm(comm)
         build = model_parallel.build_parts if o["model_parallel"] else build_parts  # block d on rank d
         vars(self).update(vars(build(model, self.objective, self.comm, o, seed, example)))

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from . import config as configuration
 from .errors import InputError
+from .launch import check_launch
 from .preemption import EXIT_RESUMABLE, Preempted, StopRequest
 from . import options
 from ._version import __version__
@@ -186,6 +187,7 @@ def _configure(args, comm):
     """The resolved config and the run folder's path, checked against the world (no file touched)."""
     cfg = configuration.load(args.config, args.set)
     _check_slurm(comm.size)
+    check_launch(comm.size)  # torchrun, another MPI's mpiexec: N one-rank worlds
     if args.out is not None and not args.out.strip():
         raise InputError("--out is empty: give the run folder")
     out = Path(args.out or Path("runs") / cfg["name"])
@@ -270,6 +272,11 @@ def _cmd_train(args):
     if comm.rank == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
                  comm.size, out)
+        if comm.size == 1 and (experiment.optimizer.n_subdomains or 1) > 1:
+            log.info("serial emulation of %d subdomains on 1 process (for %d ranks: mpiexec -n %d "
+                     "python -m mpi4py -m apts_mpi train ...)", experiment.optimizer.n_subdomains,
+                     experiment.optimizer.n_subdomains * cfg["optimizer"].get("replicas", 1),
+                     experiment.optimizer.n_subdomains * cfg["optimizer"].get("replicas", 1))
     try:
         train(cfg, out, comm, resume=resume, experiment=experiment, stop=stop)
     except TrainingStopped as e:  # raised on every rank at the same iteration

@@ -5,7 +5,8 @@ A config has four sections; every key has a default, so a file names only what d
     name: demo
     seed: 0
     epochs: 20
-    checkpoint_every: 1         # epochs between metrics/checkpoint writes (and the last)
+    checkpoint_every: 1         # epochs between checkpoint writes (and the last); metrics.h5: every epoch
+    log_interval_s: 60          # seconds between heartbeat lines inside an epoch (0: every iteration)
     target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
     stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
@@ -36,9 +37,9 @@ import re
 import yaml
 
 from . import options
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .options import Option
-from .problems import DATASETS, PROBLEMS
+from .problems import DATASETS, PROBLEMS, lookup
 
 __all__ = ["ConfigError", "load", "resolve", "apply_overrides", "digest", "RESUMABLE"]
 
@@ -84,6 +85,8 @@ TOP = {o.name: o for o in (
            rule="must be in [0, 2**63)"),
     Option("epochs", 10, int, **_POSITIVE),
     Option("checkpoint_every", 1, int, **_POSITIVE),
+    Option("log_interval_s", 60.0, _NUMBER, check=lambda v: v >= 0,  # heartbeat (0: every iteration)
+           rule="must be >= 0"),
     Option("target_accuracy", None, (float, int, type(None)), check=lambda v: 0 < v <= 1,
            rule="must be in (0, 1]"),
     Option("target", None, (float, int, type(None))),
@@ -95,8 +98,8 @@ TOP = {o.name: o for o in (
            rule="must be >= 0 (0: off)"),
 )}
 DATA = {o.name: o for o in (
-    Option("dataset", "digits", str, check=lambda v: v in PROBLEMS,  # the registry as it is now
-           rule=f"must be one of {', '.join(DATASETS)}"),
+    Option("dataset", "digits", str, check=lambda v: v in PROBLEMS or ":" in v,  # or an import path
+           rule=f"must be one of {', '.join(DATASETS)} or an import path 'package.module:Problem'"),
     Option("root", None, (str, type(None))),
     Option("download", False, bool),
     Option("batch_size", 100000, int, **_POSITIVE),
@@ -135,11 +138,22 @@ def _resolve(raw):
     config = options.check_keys(TOP, {k: v for k, v in raw.items() if k in TOP})
     data = raw.get("data", {})
     dataset = data.get("dataset", DATA["dataset"].default) if isinstance(data, dict) else None
-    problem = PROBLEMS.get(dataset) if isinstance(dataset, str) else None
+    problem = None
+    if isinstance(dataset, str) and (dataset in PROBLEMS or ":" in dataset):
+        try:  # a registered name, or the user's Problem by import path (apts_mpi/problems)
+            problem = lookup(dataset)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
     config["data"] = _section("data", data, {**DATA, **(problem.data_keys if problem else {})})
     model = raw.get("model", {})
+    name = model.get("name") if isinstance(model, dict) else None
+    factory = problem.import_models and isinstance(name, str) and ":" in name  # the user's network
+    allowed = options.choice(*problem.models)
+    if problem.import_models:
+        allowed["rule"] = (allowed["rule"] + " or" if problem.models else "must be") + \
+            " a factory 'package.module:function'"
     config["model"] = _section("model", model, {**MODEL, "name": Option(
-        "name", MODEL["name"].default, str, **options.choice(*problem.models))})
+        "name", MODEL["name"].default, str, **({} if factory else allowed))})
     for key, message in problem.config_rules(config):
         raise ConfigError(message)
     opt = raw.get("optimizer")
@@ -200,8 +214,8 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations",
-             "watchdog_s")
+RESUMABLE = ("epochs", "checkpoint_every", "log_interval_s", "name", "target_accuracy", "target",
+             "stall_iterations", "watchdog_s")
 
 
 def digest(config: dict) -> str:

@@ -88,5 +88,10 @@ class Optimizer:
 
 
 def as_batch(batch: tuple) -> tuple:
-    """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple."""
+    """``step(x, y)`` and ``step((x, y))`` alike: the minibatch as a tuple.  A closure (torch's
+    ``step(closure)`` convention) is refused with a TypeError that says how to call ``step``."""
+    if len(batch) == 1 and callable(batch[0]) and not isinstance(batch[0], torch.Tensor):
+        raise TypeError("step() takes the minibatch, not a closure: call opt.step(x, y) with the "
+                        "same minibatch on every rank; the loss is the objective given to the "
+                        "constructor, e.g. APTS(model, torch.nn.functional.cross_entropy, comm)")
     return tuple(batch[0]) if len(batch) == 1 and isinstance(batch[0], (tuple, list)) else tuple(batch)

@@ -15,6 +15,7 @@ from . import options
 from .apts import APTS
 from .comm import BufferSync, Comm
 from .decomposition import Subdomain
+from .launch import join
 from .objective import as_objective, batch_size, share
 from .optimizer import RECORD_DEFAULTS, RECORD_FIELDS, Optimizer, as_batch, dumps, loads  # noqa: F401
 from .trust_region import TrustRegion
@@ -32,6 +33,7 @@ class DataParallel(Optimizer):
         self.model, self.objective, self.optimizer, self.comm = model, as_objective(objective), optimizer, comm
         self.shares = list(range(shares)) if comm.size == 1 else [comm.rank]
         self.n_shares = shares if comm.size == 1 else comm.size
+        join(model, comm)  # launch check; rank 0's parameters and buffers on every rank (as DDP)
         self.sync_buffers = BufferSync(model, comm)  # batch-norm statistics
         self.whole = Subdomain.whole([p for p in model.parameters() if p.requires_grad])
         self.buffer = torch.empty(self.whole.numel + 1, dtype=self.whole.dtype, device=self.whole.device)

@@ -29,7 +29,9 @@ from .data import MinibatchSampler
 from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
 from .preemption import Preempted, StopRequest
-from .problems import PROBLEMS
+from .problems import lookup
+from .progress import Heartbeat
+from .provenance import provenance
 from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, save_checkpoint,
                       write_metrics)
 from .results.files import WriteError, remove_leftovers
@@ -84,7 +86,7 @@ class Experiment:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.local_rank = local_rank(self.comm)  # collective: the GPU's index on a cluster node
         self.device = select_device(self.comm, cfg["device"], self.local_rank)
-        self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
+        self.problem = lookup(cfg["data"]["dataset"])(cfg, self.device,
                                                          getattr(torch, cfg["model"]["dtype"]))
         metric, self.target_mode = self.problem.target
         self.target, self.target_metric = cfg["target"], metric
@@ -217,6 +219,9 @@ def _train(cfg, out_dir, ex, resume, stop, watchdog):
                 log.info("the run in %s reached its target at epoch %d: nothing to train", out_dir,
                          start_epoch)
             return epochs
+        if rank == 0:
+            log.info("resumed from epoch %d (%d iterations done, %.1f s)", start_epoch,
+                     len(iterations["loss"]), elapsed)
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)  # the CLI creates and locks it beforehand
 
@@ -224,6 +229,7 @@ def _train(cfg, out_dir, ex, resume, stop, watchdog):
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
+             **(provenance() if rank == 0 else {}),
              # each rank's host and node-local rank (SLURM_LOCALID under srun: its GPU's index)
              "hosts": world.allgather_object(platform.node()),
              "local_ranks": world.allgather_object(ex.local_rank),
@@ -245,6 +251,7 @@ def _train(cfg, out_dir, ex, resume, stop, watchdog):
         # a mid-epoch resume starts past the minibatches done (the sampler's state says the next
         # epoch when the stop came after the last one)
         first = sampler.position if sampler.epoch == epoch else len(batches)
+        heartbeat = Heartbeat(cfg["log_interval_s"], epoch + 1, cfg["epochs"], len(batches), rank == 0)
         for position in range(first, len(batches)):
             watchdog.beat(len(iterations["loss"]) + 1, f"epoch {epoch + 1}, minibatch {position + 1} "
                           f"of {len(batches)}")
@@ -257,6 +264,7 @@ def _train(cfg, out_dir, ex, resume, stop, watchdog):
             totals["accepted"] += row["accepted"] == 1
             totals["rejected"] += row["accepted"] == 0
             totals["nonfinite"] += int(row["nonfinite"])
+            heartbeat.tick(position + 1, row["radius"], row["accepted"])
             # faults: every value below is shared by all ranks (reduced or broadcast), so every
             # rank stops at the same iteration
             at_floor = min_radius is not None and row["radius"] <= min_radius
@@ -304,11 +312,11 @@ def _train(cfg, out_dir, ex, resume, stop, watchdog):
                 attrs["stopped"] = stopped or (f"reached {_metric_name(ex.target_metric)} "
                                                f"{metrics[ex.target_metric]:.4f} "
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
-        if save or stopped:  # a stopped run keeps its last complete checkpoint
-            def write():
-                with watchdog.writing():
-                    write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
-            _written(world, write)
+        # every epoch, whatever checkpoint_every (a running job's report is at most an epoch old)
+        def write():
+            with watchdog.writing():
+                write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+        _written(world, write)
         if save:  # the same on every rank: the gather is collective
             _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs, watchdog)
         if rank == 0:

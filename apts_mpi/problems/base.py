@@ -33,6 +33,7 @@ class Problem:
     datasets: tuple = ()
     data_keys: dict = {}
     models: tuple = ()
+    import_models = False  # True: model.name may also be a factory 'package.module:function'
     metrics: tuple = ()
     target: tuple = ("", "max")
     data_labels: dict = {}  # attribute -> what it is, in messages (e.g. "training inputs")

@@ -23,6 +23,7 @@ class Classification(Problem):
     metrics = ("loss", "train_accuracy", "test_accuracy", "test_loss")
     target = ("test_accuracy", "max")
     data_labels = {"train_x": "training inputs", "test_x": "test inputs"}
+    import_models = True  # factory(input_shape, classes)
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
@@ -36,6 +37,9 @@ class Classification(Problem):
 
     def build_model(self):
         model = self.cfg["model"]
+        if ":" in model["name"]:  # the user's factory (apts_mpi/problems/__init__.py)
+            from .tensors import build_imported
+            return build_imported(model["name"], self.input_shape, self.classes).to(self.device, self.dtype)
         return build_model(model["name"], self.input_shape, self.classes, model["head"]).to(
             self.device, self.dtype)
 
