@@ -3,7 +3,7 @@
 Trotti, Cruz Alegria, Kopanicakova, Krause, arXiv:2312.13677.  Public names are imported lazily
 so that ``import apts_mpi`` stays cheap and does not initialise MPI.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 _exports = {
     "TrustRegion": "apts_mpi.trust_region",
@@ -19,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'apts_mpi' has no attribute {name!r}")
 
 
-__all__ = sorted(_exports)
+__all__ = ["__version__", *sorted(_exports)]

@@ -108,14 +108,14 @@ def _fail(message, comm=None, status=2, what="error"):
     """One message from rank 0, exit ``status`` on every rank (all ranks call this together)."""
     if status == 2 and _held is not None:
         _held.abandon()
-    rank = 0 if comm is None else comm.Get_rank()
-    if rank == 0 and (comm is None or comm.Get_size() > 1 or _launched_rank() == 0):
+    rank = 0 if comm is None else comm.rank
+    if rank == 0 and (comm is None or comm.size > 1 or _launched_rank() == 0):
         # (srun's one-rank worlds: only the launch's first task prints)
         print(f"apts-mpi: {what}: {message}", file=sys.stderr, flush=True)
-    if comm is not None and comm.Get_size() > 1:
-        from mpi4py import MPI
-        comm.Barrier()  # rank 0 has written its files: a launcher may kill the rest on one's exit
-        MPI.Finalize()  # every rank agreed on the error: leave without MPI_Abort's noise
+    if comm is not None and comm.size > 1:
+        from .comm import finalize
+        comm.barrier()  # rank 0 has written its files: a launcher may kill the rest on one's exit
+        finalize()  # every rank agreed on the error: leave without MPI_Abort's noise
         sys.stdout.flush()
         os._exit(status)
     sys.exit(status)
@@ -160,25 +160,25 @@ def _prepare(args, comm):
     run folder and whether the run resumes a checkpoint."""
     global _held
     cfg = configuration.load(args.config, args.set)
-    _check_slurm(comm.Get_size())
+    _check_slurm(comm.size)
     if args.out is not None and not args.out.strip():
         raise InputError("--out is empty: give the run folder")
     out = Path(args.out or Path("runs") / cfg["name"])
     opt = cfg["optimizer"]
     if "replicas" in opt:  # APTS, alone or after Adam
         replicas = opt["replicas"]
-        if comm.Get_size() % replicas:
-            raise InputError(f"world size {comm.Get_size()} is not divisible by "
+        if comm.size % replicas:
+            raise InputError(f"world size {comm.size} is not divisible by "
                              f"optimizer.replicas={replicas}")
-        if comm.Get_size() > 1 and opt["subdomains"] not in (None, comm.Get_size() // replicas):
+        if comm.size > 1 and opt["subdomains"] not in (None, comm.size // replicas):
             raise InputError(f"optimizer.subdomains={opt['subdomains']} needs "
-                             f"{opt['subdomains'] * replicas} ranks, the world has {comm.Get_size()}")
+                             f"{opt['subdomains'] * replicas} ranks, the world has {comm.size}")
     if cfg["device"] == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for, but torch finds no CUDA device")
     resume = args.resume
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         _held = RunFolder(out, args.resume)  # created or locked, or refused with one line
         resume = not _held.fresh
         if resume:
@@ -189,9 +189,9 @@ def _prepare(args, comm):
                                  f"{_config_difference(cfg, out)} (config_hash "
                                  f"{meta.get('config_hash')!r}, this config's is "
                                  f"{configuration.digest(cfg)!r})")
-            if meta.get("world_size") != comm.Get_size():
+            if meta.get("world_size") != comm.size:
                 raise InputError(f"{path}: checkpoint meta 'world_size' is {meta.get('world_size')!r}, "
-                                 f"expected {comm.Get_size()!r}")
+                                 f"expected {comm.size!r}")
             if payload["epoch"] > cfg["epochs"]:  # else the run would end at once, silently
                 raise InputError(f"--resume: the checkpoint in {out} is at epoch {payload['epoch']}, "
                                  f"past epochs={cfg['epochs']}")
@@ -209,7 +209,7 @@ def _agreed(comm, step):
         result = step()
     except USER_ERRORS as e:
         error = str(e)
-    errors = comm.allgather(error)
+    errors = comm.allgather_object(error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         rank = errors.index(first)
@@ -218,19 +218,19 @@ def _agreed(comm, step):
 
 
 def _cmd_train(args):
-    from mpi4py import MPI
+    from .comm import world
     from .train import Experiment, TrainingStopped, train
 
-    comm = MPI.COMM_WORLD
+    comm = world()
     stop = StopRequest().install()  # from here a SIGTERM/SIGUSR1 stops the run resumably
     cfg, out, resume = _agreed(comm, lambda: _prepare(args, comm))
-    resume = comm.bcast(resume, root=0)  # rank 0 looked at the folder
+    resume = comm.bcast_object(resume, root=0)  # rank 0 looked at the folder
     experiment = _agreed(comm, lambda: Experiment(cfg, comm))  # device, data, model
     _agreed(comm, experiment.problem.check_finite)  # a damaged file, a fault on one node
     _agreed(comm, experiment.build)  # the optimiser (APTS splits communicators: all ranks here)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         log.info("run %s: %s on %d rank(s) -> %s", cfg["name"], cfg["optimizer"]["method"],
-                 comm.Get_size(), out)
+                 comm.size, out)
     try:
         train(cfg, out, comm, resume=resume, experiment=experiment, stop=stop)
     except TrainingStopped as e:  # raised on every rank at the same iteration
@@ -292,8 +292,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     rank = 0
     if args.command == "train":
-        from mpi4py import MPI
-        rank = MPI.COMM_WORLD.Get_rank()
+        from .comm import world
+        rank = world().rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(message)s", stream=sys.stdout)
     if args.command != "train":
@@ -306,11 +306,11 @@ def main(argv=None):
     except Exception:
         # an uncaught error on one rank would leave the others waiting in a collective for ever:
         # abort the whole job, as `python -m mpi4py` does (the console script is not run by it)
-        from mpi4py import MPI
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        from .comm import abort_world, running_world_size
+        if running_world_size() > 1:
             traceback.print_exc()
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
+            abort_world(1)
         raise
 
 

@@ -35,6 +35,7 @@ def cuda_aware() -> bool:
 
 def node_local_rank(comm) -> tuple[int, int]:
     """(rank, size) among the ranks of ``comm`` that share this node (``COMM_TYPE_SHARED``)."""
+    comm = comm.comm if isinstance(comm, Comm) else comm
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         return local.Get_rank(), local.Get_size()
@@ -43,7 +44,8 @@ def node_local_rank(comm) -> tuple[int, int]:
 
 
 def select_device(comm, request: str = "auto") -> torch.device:
-    """The device of this rank: ``cpu``, ``cuda`` (GPU = node-local rank mod GPU count) or ``auto``.
+    """The device of this rank: ``cpu``, ``cuda`` (GPU = node-local rank mod GPU count) or ``auto``;
+    ``comm`` is a :class:`Comm` or an mpi4py communicator.
 
     Raises InputError (a ValueError) when CUDA is asked for and there is none.
     """
@@ -57,22 +59,43 @@ def select_device(comm, request: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+class Traffic:
+    """What the collectives of a communicator cost: seconds in them, seconds waiting, bytes passed."""
+
+    def __init__(self):
+        self.seconds = self.waiting = 0.0
+        self.bytes = 0
+
+
 class Comm:
     """Collectives on torch tensors over one mpi4py communicator.
 
     ``seconds`` and ``bytes`` accumulate the time in, and the payload passed to, every collective.
     With ``measure_wait`` (benchmarks only: it adds a barrier per collective) the time spent waiting
     for the slowest rank is counted apart, in ``waiting``.
+
+    ``comm`` is an mpi4py communicator, None (``COMM_SELF``), or a ``Comm``: then this is a second
+    handle on the same communicator with the same counters and the same ``measure_wait``, so that
+    a benchmark that hands an optimiser its ``Comm`` reads what the optimiser moved.
     """
 
     def __init__(self, comm=None, measure_wait: bool = False):
+        if isinstance(comm, Comm):
+            self.traffic, measure_wait = comm.traffic, measure_wait or comm.measure_wait
+            comm = comm.comm
+        else:
+            self.traffic = Traffic()
         self.comm = comm if comm is not None else MPI.COMM_SELF
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.cuda_aware = cuda_aware()
         self.measure_wait = measure_wait
-        self.seconds = self.waiting = 0.0
-        self.bytes = 0
         self._host = {}
+
+    seconds = property(lambda self: self.traffic.seconds,
+                       lambda self, v: setattr(self.traffic, "seconds", v))
+    waiting = property(lambda self: self.traffic.waiting,
+                       lambda self, v: setattr(self.traffic, "waiting", v))
+    bytes = property(lambda self: self.traffic.bytes, lambda self, v: setattr(self.traffic, "bytes", v))
 
     def _wait(self):
         if self.measure_wait:
@@ -154,9 +177,10 @@ class Comm:
         """Element-wise sum over ranks of a few float64 scalars."""
         return self._scalars(lambda a: self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), values)
 
+    # -- Everything else the package asks of MPI: small pickled control messages (a few per run or
+    # per iteration, never tensors), the communicator's structure, point-to-point.  A second
+    # backend (torch.distributed) implements these and the buffer methods above, nothing more.
 
-    # -- small pickled control messages, the communicator's structure, point-to-point (the names
-    # and signatures of the communication layer's full set, of which APTS's parts use these)
     def allgather_object(self, value) -> list:
         """Every rank's ``value`` (picklable, small), in rank order, on every rank."""
         return [value] if self.size == 1 else self.comm.allgather(value)
@@ -169,10 +193,24 @@ class Comm:
         """``root``'s ``value`` (picklable, small) on every rank."""
         return value if self.size == 1 else self.comm.bcast(value, root=root)
 
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' integers, on every rank."""
+        return int(value) if self.size == 1 else int(self.comm.allreduce(int(value), op=MPI.MAX))
+
+    def barrier(self) -> None:
+        """Wait until every rank of the communicator reaches this call."""
+        if self.size > 1:
+            self.comm.Barrier()
+
     def split(self, color: int, key: int = 0) -> "Comm":
         """Collective: a Comm over the ranks that pass the same ``color``, ordered by ``key``
-        (MPI_Comm_split)."""
+        (MPI_Comm_split).  ``free`` it when done."""
         return Comm(self.comm.Split(color, key), measure_wait=self.measure_wait)
+
+    def free(self) -> None:
+        """Release a communicator made by :meth:`split` (never the world or COMM_SELF)."""
+        if self.comm not in (MPI.COMM_WORLD, MPI.COMM_SELF):
+            self.comm.Free()
 
     def send(self, value, dest: int, tag: int = 0) -> None:
         """Point-to-point: a small picklable ``value`` to rank ``dest``."""
@@ -183,7 +221,8 @@ class Comm:
         return self.comm.recv(source=source, tag=tag)
 
     def send_(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> torch.Tensor:
-        """Point-to-point, buffer: a contiguous host tensor to rank ``dest``."""
+        """Point-to-point, buffer: a contiguous host tensor to rank ``dest`` (not counted in
+        ``seconds`` and ``bytes``: the pipe counts its own)."""
         self.comm.Send(tensor.numpy(), dest=dest, tag=tag)
         return tensor
 
@@ -191,6 +230,38 @@ class Comm:
         """Point-to-point, buffer: fill the contiguous host ``tensor`` with what ``source`` sent."""
         self.comm.Recv(tensor.numpy(), source=source, tag=tag)
         return tensor
+
+    def abort(self, status: int = 1) -> None:
+        """End every rank of the job at once (MPI_Abort): for a fault on one rank only, which would
+        leave the others waiting in a collective."""
+        self.comm.Abort(status)
+
+
+def world() -> Comm:
+    """The Comm of every rank of the launch (MPI_COMM_WORLD; initialises MPI)."""
+    return Comm(MPI.COMM_WORLD)
+
+
+def finalize() -> None:
+    """End MPI on this rank (every rank calls it, after its last collective)."""
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+def running_world_size() -> int:
+    """The number of ranks of the launch while MPI runs on this rank; 0 before Init, after Finalize."""
+    return MPI.COMM_WORLD.Get_size() if MPI.Is_initialized() and not MPI.Is_finalized() else 0
+
+
+def abort_world(status: int = 1) -> None:
+    """MPI_Abort on the world: every rank of the job ends at once."""
+    MPI.COMM_WORLD.Abort(status)
+
+
+def library_version() -> str:
+    """The first line of the MPI library's version string (which library mpi4py is bound to)."""
+    return MPI.Get_library_version().splitlines()[0]
+
 
 class BufferSync:
     """Broadcast a model's buffers (batch-norm running statistics and counters) from rank 0.

@@ -20,25 +20,26 @@ error at most); ``target_accuracy`` is the same for classification.
 ``optimizer.method`` is one of ``apts``, ``tr``, ``sgd``, ``adam``, ``lbfgs``; the keywords allowed
 next to it, their defaults and checks are those of :mod:`apts_mpi.options` for that method (e.g.
 ``radius`` for apts/tr, ``lr`` for sgd/adam/lbfgs).  ``--set key.sub=value`` overrides a key (the value is parsed as YAML).
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` (from
+:mod:`apts_mpi.errors`) naming the key.  Every key, the problems' own included, is an
+:class:`~apts_mpi.options.Option` checked once by the one validator
+(:func:`apts_mpi.options.check_keys`), with one message style: ``<key> <rule>; got <value>``.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import math
 import re
 
 import yaml
 
 from . import options
-from .errors import InputError
+from .errors import ConfigError
+from .options import Option
 from .problems import DATASETS, PROBLEMS
 
-
-class ConfigError(InputError):
-    """A config that cannot run; the message names the key."""
+__all__ = ["ConfigError", "load", "resolve", "apply_overrides", "digest", "RESUMABLE"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -71,93 +72,80 @@ def _parse(text):
     return yaml.load(text, Loader=_Loader)
 
 
-# key: (default, type(s), (check, description of the check) or None)
-_number = (int, float)
-_positive = (lambda v: v > 0, "> 0")
-_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+# The config's own keys, as :class:`~apts_mpi.options.Option` lines: one validator (and one message
+# style) for the config's sections, the problems' ``data.*`` keys and the optimiser's keywords.
+_NUMBER = options.NUMBER
+_POSITIVE = options.POSITIVE_INT
 
-TOP = {
-    "name": ("run", str, None),
-    "seed": (0, int, (lambda v: 0 <= v < 2**63, "in [0, 2**63)")),  # torch and HDF5 take int64
-    "epochs": (10, int, _positive),
-    "checkpoint_every": (1, int, _positive),
-    "target_accuracy": (None, (float, int, type(None)), (lambda v: 0 < v <= 1, "in (0, 1]")),
-    "target": (None, (float, int, type(None)), None),
-    "stall_iterations": (100, int, _positive),
-    "device": ("auto", str, (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
-}
-DATA = {
-    "dataset": ("digits", str, (lambda v: v in PROBLEMS, f"one of {', '.join(DATASETS)}")),
-    "root": (None, (str, type(None)), None),
-    "download": (False, bool, None),
-    "batch_size": (100000, int, _positive),
-    "overlap": (0.0, _number, _unit),
-    "test_batch_size": (10000, int, _positive),
-}
-MODEL = {
-    "name": ("mlp-digits", str, None),  # checked against the problem's networks
-    "head": ("logits", str, (lambda v: v in ("logits", "sigmoid"), "logits or sigmoid")),
-    "dtype": ("float32", str, (lambda v: v in ("float32", "float64"), "float32 or float64")),
-}
-
-
-def _check(key, value, spec):
-    default, types, check = spec
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ConfigError(f"{key}: expected {options.type_name(types)}, got {value!r}")
-    if types is _number and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, types):
-        raise ConfigError(f"{key}: expected {options.type_name(types)}, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be finite, got {value!r}")
-    if check is not None and value is not None and not check[0](value):
-        raise ConfigError(f"{key}: must be {check[1]}, got {value!r}")
-    return value
+TOP = {o.name: o for o in (
+    Option("name", "run", str),
+    Option("seed", 0, int, check=lambda v: 0 <= v < 2**63,  # torch and HDF5 take int64
+           rule="must be in [0, 2**63)"),
+    Option("epochs", 10, int, **_POSITIVE),
+    Option("checkpoint_every", 1, int, **_POSITIVE),
+    Option("target_accuracy", None, (float, int, type(None)), check=lambda v: 0 < v <= 1,
+           rule="must be in (0, 1]"),
+    Option("target", None, (float, int, type(None))),
+    Option("stall_iterations", 100, int, **_POSITIVE),
+    Option("device", "auto", str, **options.choice("auto", "cpu", "cuda")),
+)}
+DATA = {o.name: o for o in (
+    Option("dataset", "digits", str, check=lambda v: v in PROBLEMS,  # the registry as it is now
+           rule=f"must be one of {', '.join(DATASETS)}"),
+    Option("root", None, (str, type(None))),
+    Option("download", False, bool),
+    Option("batch_size", 100000, int, **_POSITIVE),
+    Option("overlap", 0.0, _NUMBER, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)"),
+    Option("test_batch_size", 10000, int, **_POSITIVE),
+)}
+MODEL = {o.name: o for o in (
+    Option("name", "mlp-digits", str),  # checked against the problem's networks
+    Option("head", "logits", str, **options.choice("logits", "sigmoid")),
+    Option("dtype", "float32", str, **options.choice("float32", "float64")),
+)}
 
 
-def _fill(section_name, given, schema):
+def _section(name, given, known):
     if not isinstance(given, dict):
-        raise ConfigError(f"{section_name}: expected a mapping, got {given!r}")
-    unknown = sorted(set(given) - set(schema))
-    if unknown:
-        raise ConfigError(f"{section_name}.{unknown[0]}: unknown key (known: {', '.join(sorted(schema))})")
-    return {k: _check(f"{section_name}.{k}", given.get(k, spec[0]), spec) if k in given else spec[0]
-            for k, spec in schema.items()}
+        raise ConfigError(f"{name} must be a mapping; got {given!r}")
+    return options.check_keys(known, given, prefix=f"{name}.")
 
 
 def resolve(raw: dict) -> dict:
-    """The fully resolved config: defaults filled in, every key checked; raises ConfigError."""
-    if raw is None:
-        raw = {}
+    """The fully resolved config: defaults filled in, every key checked once; raises ConfigError."""
+    try:
+        return _resolve({} if raw is None else raw)
+    except options.OptionError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _resolve(raw):
     if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"config must be a mapping at the top level; got {type(raw).__name__}")
     known = set(TOP) | {"data", "model", "optimizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    config = {k: _check(k, raw[k], spec) if k in raw else spec[0] for k, spec in TOP.items()}
+    config = options.check_keys(TOP, {k: v for k, v in raw.items() if k in TOP})
     data = raw.get("data", {})
-    dataset = data.get("dataset", DATA["dataset"][0]) if isinstance(data, dict) else None
+    dataset = data.get("dataset", DATA["dataset"].default) if isinstance(data, dict) else None
     problem = PROBLEMS.get(dataset) if isinstance(dataset, str) else None
-    config["data"] = _fill("data", data, {**DATA, **(problem.data_keys if problem else {})})
-    config["model"] = _fill("model", raw.get("model", {}), MODEL)
-    if config["model"]["name"] not in problem.models:
-        raise ConfigError(f"model.name: must be one of {', '.join(problem.models)} for data set "
-                          f"{dataset!r}, got {config['model']['name']!r}")
+    config["data"] = _section("data", data, {**DATA, **(problem.data_keys if problem else {})})
+    model = raw.get("model", {})
+    config["model"] = _section("model", model, {**MODEL, "name": Option(
+        "name", MODEL["name"].default, str, **options.choice(*problem.models))})
+    for key, message in problem.config_rules(config):
+        raise ConfigError(message)
     opt = raw.get("optimizer")
     if not isinstance(opt, (dict, type(None))):
-        raise ConfigError(f"optimizer: expected a mapping, got {opt!r}")
+        raise ConfigError(f"optimizer must be a mapping; got {opt!r}")
     opt = dict(opt or {})
     method = opt.pop("method", "apts")
     if not isinstance(method, str) or method not in options.TRAINABLE:
-        raise ConfigError(f"optimizer.method: must be one of {', '.join(options.TRAINABLE)}, "
+        raise ConfigError(f"optimizer.method must be one of {', '.join(options.TRAINABLE)}; "
                           f"got {method!r}")
-    try:
-        config["optimizer"] = {"method": method, **options.resolve(method, opt, prefix="optimizer.",
-                                                                   config_only=True)}
-    except options.OptionError as e:
-        raise ConfigError(str(e)) from None
+    config["optimizer"] = {"method": method, **options.resolve(method, opt, prefix="optimizer.",
+                                                               config_only=True)}
     return config
 
 
@@ -199,7 +187,7 @@ def load(path, overrides=()) -> dict:
         problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else f"not UTF-8 text ({e.reason})"
         raise ConfigError(f"config {path} is not valid YAML: {problem}") from None
     if raw is not None and not isinstance(raw, dict):  # before --set walks into it
-        raise ConfigError(f"config {path}: expected a mapping at the top level, got "
+        raise ConfigError(f"config {path} must be a mapping at the top level; got "
                           f"{type(raw).__name__}")
     return resolve(apply_overrides(raw, overrides))
 

@@ -9,3 +9,7 @@ other exception is a fault of the program and keeps its traceback (exit status 1
 
 class InputError(ValueError):
     """Input that cannot run; the message says what and where, on one line."""
+
+
+class ConfigError(InputError):
+    """A config that cannot run; the message names the key (``data.context``, ``optimizer.radius``)."""

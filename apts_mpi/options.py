@@ -6,7 +6,8 @@ keywords from :data:`METHODS` through :func:`resolve`.  A new keyword is one :cl
 in the table of its method (and the constructor's use of it).
 
 Each rule has one message, ``<key> <rule>; got <value>``; the config prefixes the key with
-``optimizer.``.  Cross-key invariants (``0 < eta1 < eta2 < 1``, the radius within its bounds, the
+``optimizer.``.  The config's own sections and the problems' ``data.*`` keys are written as
+:class:`Option` lines too and checked by the same :func:`check_keys`.  Cross-key invariants (``0 < eta1 < eta2 < 1``, the radius within its bounds, the
 sign step's requirements) are :data:`RULES`, checked after every key passed its own check.
 """
 from __future__ import annotations
@@ -281,19 +282,29 @@ def defaults(method: str, config_only: bool = False) -> dict:
     return {name: o.default for name, o in options(method, config_only).items()}
 
 
+def check_keys(known: dict[str, Option], given: dict, prefix: str = "") -> dict:
+    """Every keyword of ``known``: the given values checked (each once, by its :class:`Option`),
+    the rest their defaults.  The one validator of the package: the config's sections, the
+    problems' own ``data.*`` keys and every method's keywords go through it.
+
+    Raises OptionError for an unknown keyword or a value its option refuses; the message names
+    the key (with ``prefix``): ``<key> <rule>; got <value>``, or ``<key>: unknown key (known: ...)``.
+    """
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key (known: "
+                                      f"{', '.join(sorted(known))})")
+    return {name: o.validate(given[name], prefix) if name in given else o.default
+            for name, o in known.items()}
+
+
 def resolve(method: str, given: dict, prefix: str = "", config_only: bool = False) -> dict:
     """Every keyword of ``method``: the given values checked, the rest their defaults.
 
     Raises OptionError (a ValueError) for an unknown keyword, a wrong type, a value its rule
     refuses, or a broken cross-key invariant; the message names the key (with ``prefix``).
     """
-    known = options(method, config_only)
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key (known: "
-                                      f"{', '.join(sorted(known))})")
-    values = {name: o.validate(given[name], prefix) if name in given else o.default
-              for name, o in known.items()}
+    values = check_keys(options(method, config_only), given, prefix)
     for key, message in RULES.get(method, lambda v, p: ())(values, prefix):
         raise OptionError(key, message)
     return values

@@ -38,7 +38,7 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def agreed(self, comm) -> str | None:
-        """Collective: the name of the signal some rank received (the largest number), or None."""
-        from mpi4py import MPI
-        signum = comm.allreduce(self.signum, op=MPI.MAX)
+        """Collective over ``comm`` (a :class:`~apts_mpi.comm.Comm`): the name of the signal some
+        rank received (the largest number), or None."""
+        signum = comm.max_int(self.signum)
         return signal.Signals(signum).name if signum else None

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, config as configuration
+from . import config as configuration
+from ._version import __version__
 from .comm import Comm, select_device
+from .comm import world as launch_world
 from .data import MinibatchSampler
 from .errors import InputError
 from .optimizers import RECORD_FIELDS, build_optimizer
@@ -49,8 +51,9 @@ class Experiment:
     """
 
     def __init__(self, cfg: dict, comm=None):
-        from mpi4py import MPI
-        self.cfg, self.comm = cfg, comm if comm is not None else MPI.COMM_WORLD
+        self.cfg = cfg
+        self.world = Comm(comm) if comm is not None else launch_world()
+        self.comm = self.world.comm  # the communicator the optimisers are built on
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.device = select_device(self.comm, cfg["device"])
         self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
@@ -89,7 +92,7 @@ def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, *
     """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
     opt_state = ex.optimizer.checkpoint_state(comm)
     model_state = ex.optimizer.model_state(ex.model, comm)  # gathered where ranks hold blocks
-    if comm.Get_rank() == 0:
+    if ex.world.rank == 0:
         payload = {"model": model_state, "sampler": ex.sampler.state_dict(),
                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
                    "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
@@ -110,7 +113,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     ex = experiment or Experiment(cfg, comm)
     if ex.optimizer is None:
         ex.build()
-    comm, world = ex.comm, Comm(ex.comm)
+    comm, world = ex.comm, ex.world
     rank, out_dir = world.rank, Path(out_dir)
     problem, model, optimizer, sampler = ex.problem, ex.model, ex.optimizer, ex.sampler
 
@@ -139,7 +142,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
              # parameter scalars each rank holds (model-parallel APTS: its block only)
-             "params_held": comm.allgather(int(optimizer.params_held if optimizer.params_held is not None
+             "params_held": world.allgather_object(int(optimizer.params_held if optimizer.params_held is not None
                                                else sum(p.numel() for p in model.parameters())))}
     totals = dict(accepted=0, rejected=0, nonfinite=0)
     if epochs["epoch"]:
@@ -180,7 +183,7 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             if stopped:
                 break
             # requested stop (apts_mpi/preemption.py): one collective, the same answer on every rank
-            signal_name = stop.agreed(comm) if stop is not None else None
+            signal_name = stop.agreed(world) if stop is not None else None
             if signal_name:
                 sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "position": position + 1})
                 _save_checkpoint(checkpoint, meta, comm, ex, epoch, elapsed + time.perf_counter() - t_epoch,

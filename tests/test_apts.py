@@ -7,20 +7,7 @@ import torch
 from apts_mpi import APTS, TrustRegion
 from apts_mpi.optimizers import RECORD_FIELDS
 from apts_mpi.objective import Objective
-
-
-def problem(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6),
-                                torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(dtype)
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(120, 10, generator=g, dtype=dtype)
-    y = torch.randint(0, 3, (120,), generator=g)
-    return model, x, y
-
-
-def flat(model):
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+from conftest import flat, problem
 
 
 class Wrapped(torch.nn.Module):

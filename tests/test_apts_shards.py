@@ -7,7 +7,7 @@ from apts_mpi import APTS, TrustRegion
 from apts_mpi.objective import Objective
 from apts_mpi.trust_region import TrustRegionCore
 
-from test_apts import flat, problem
+from conftest import flat, problem
 
 CE = torch.nn.functional.cross_entropy
 
@@ -170,6 +170,35 @@ def test_data_space_pred_is_the_first_order_decrease_of_the_averaged_step(subdom
         assert opt.report.pred == pytest.approx(-float(g.dot(s)), rel=1e-10)
         assert opt.report.pred > 0
         assert float(s.abs().max()) <= 0.5 * 0.05 * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("subdomains, local_iters", [(2, 1), (3, 3)])
+def test_data_space_with_identical_shards_predicts_the_actual_decrease(subdomains, local_iters):
+    """Every shard holds the same 40 samples, so every local phase minimises the same function
+    (the FOC term is zero) and the averaged correction is each shard's.  The predicted decrease
+    must then be the decrease of f itself to first order: measured against f evaluated here at
+    theta_k and theta_k + s, actual - pred = O(||s||^2), so halving the radius halves pred and
+    divides the gap by about four, and rho -> 1."""
+    model0, x, y = problem()
+    xs, ys = x[:40].repeat(subdomains, 1), y[:40].repeat(subdomains)
+    preds, gaps = [], []
+    for radius in (2e-3, 1e-3, 5e-4):
+        model, _, _ = problem()
+        opt = APTS(model, CE, space="data", subdomains=subdomains, local_iters=local_iters,
+                   global_iters=0, local_fraction=1.0, radius=radius, acceptance="none")
+        with torch.no_grad():
+            before = CE(model(xs), ys).item()
+            opt.step(xs, ys)
+            after = CE(model(xs), ys).item()
+        actual, pred = before - after, opt.report.pred
+        assert opt.report.loss == pytest.approx(before, rel=1e-12)
+        assert pred > 0 and actual == pytest.approx(pred, rel=0.05)
+        preds.append(pred)
+        gaps.append(abs(actual - pred))
+    for a, b in zip(preds, preds[1:]):
+        assert a / b == pytest.approx(2, rel=0.05)
+    for a, b in zip(gaps, gaps[1:]):
+        assert 3 < a / b < 5, gaps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -29,7 +29,7 @@ def test_benchmarks_take_a_configs_apts_keywords_from_the_file(path):
     """bench and gpu_bench build APTS from ``config_options``: the file's own optimizer keys (read
     here with plain YAML), the defaults for the rest, method and subdomains left to the world."""
     import yaml
-    from apts_mpi.bench import config_options
+    from apts_mpi.bench.harness import config_options
     written = dict(yaml.safe_load(path.read_text())["optimizer"])
     written.pop("method"), written.pop("subdomains", None)
     expected = {k: v for k, v in options.defaults("apts").items() if k != "subdomains"}
@@ -37,6 +37,6 @@ def test_benchmarks_take_a_configs_apts_keywords_from_the_file(path):
 
 
 def test_config_options_refuses_a_baseline_config():
-    from apts_mpi.bench import config_options
+    from apts_mpi.bench.harness import config_options
     with pytest.raises(SystemExit, match="not an APTS config"):
         config_options(Path(__file__).parent.parent / "configs" / "mnist-adam.yaml")

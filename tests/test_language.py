@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from apts_mpi.config import ConfigError
+from apts_mpi.config import resolve
+from apts_mpi.errors import ConfigError
 from apts_mpi.data import DataError
 from apts_mpi.problems.language import GPT_SIZES, LanguageProblem, gpt
-from parts import PartComm
+from conftest import PartComm
 
 TEXT = "".join(f"line {i}: to be, or not to be? {'ABCxyz'[i % 6]}\n" for i in range(12))
 
@@ -65,10 +66,16 @@ def test_bad_data_and_config(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match="too short"):
         make_problem(tmp_path, text="abcdefghij", context=8)
-    with pytest.raises(ConfigError, match="data.context"):
-        make_problem(tmp_path, context=65)
-    with pytest.raises(ConfigError, match="model.name"):
-        make_problem(tmp_path, name="mnist-fc")
+    # the config refuses what the problem cannot build, before any data is read
+    given = {"data": {"dataset": "tinyshakespeare", "context": 65}, "model": {"name": "gpt-small"}}
+    with pytest.raises(ConfigError, match=r"data.context must be at most 64 \(the context of "
+                                          r"gpt-small\); got 65"):
+        resolve(given)
+    given["data"]["context"] = 64
+    assert resolve(given)["data"]["context"] == 64
+    given["model"]["name"] = "mnist-fc"
+    with pytest.raises(ConfigError, match="model.name must be one of gpt-"):
+        resolve(given)
 
 
 @pytest.mark.parametrize("name", sorted(GPT_SIZES))

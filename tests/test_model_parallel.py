@@ -1,8 +1,6 @@
 """Model-parallel APTS (apts_mpi/model_parallel.py) under a real mpiexec: the same iterates as the
 serial emulation with decomposition "stages", a negative control, the parameters each rank holds,
 a killed rank, and the inputs it refuses."""
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,17 +16,9 @@ import pipeline_cases as pc  # noqa: E402
 from apts_mpi import APTS  # noqa: E402
 from apts_mpi.decomposition import decompose, stage_bounds  # noqa: E402
 from apts_mpi.errors import InputError  # noqa: E402
+from conftest import ENV, MPIEXEC, mpirun  # noqa: E402
 
 HERE = Path(__file__).parent
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def mpirun(n, *args, timeout=240):
-    if MPIEXEC is None:
-        pytest.fail("mpiexec not found: install the project with the 'mpich' extra or a system MPI")
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")

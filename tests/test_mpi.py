@@ -1,7 +1,4 @@
 """APTS under a real mpiexec: N-rank runs against serial emulation, and a failing rank."""
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,26 +8,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "mpi"))
 import cases  # noqa: E402
+from conftest import mpirun  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 HERE = Path(__file__).parent
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 LAUNCH_TIMEOUT = 300
-
-
-def mpirun(n, *args, timeout=LAUNCH_TIMEOUT):
-    if MPIEXEC is None:
-        pytest.fail("mpiexec not found: install the project with the 'mpich' extra or a system MPI")
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}ranks")
 def launch(request, tmp_path_factory):
     """One mpiexec launch per world size runs every case of that size."""
     out = tmp_path_factory.mktemp(f"mpi{request.param}")
-    proc = mpirun(request.param, HERE / "mpi" / "cases.py", out)
+    proc = mpirun(request.param, HERE / "mpi" / "cases.py", out, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return request.param, out
 

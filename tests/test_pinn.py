@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from apts_mpi.config import ConfigError
+from apts_mpi.config import resolve
+from apts_mpi.errors import ConfigError
 from apts_mpi.problems.pinn import PoissonProblem
-from parts import PartComm
+from conftest import PartComm
 
 
 def make_problem(n_i=40, n_b=12, seed=0, dtype=torch.float64, name="pinn-mlp"):
@@ -60,8 +61,10 @@ def test_collocation_points():
     torch.testing.assert_close(edge, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
     torch.testing.assert_close(make_problem(30, 10, seed=4).points, p.points, rtol=0, atol=0)
     assert not torch.equal(make_problem(30, 10, seed=5).points, p.points)
-    with pytest.raises(ConfigError, match="model.name"):
-        make_problem(name="gpt-small")
+    with pytest.raises(ConfigError, match="model.name must be one of pinn-"):
+        resolve({"data": {"dataset": "poisson2d"}, "model": {"name": "gpt-small"}})
+    with pytest.raises(ConfigError, match="data.boundary_points must be an integer >= 4; got 3"):
+        resolve({"data": {"dataset": "poisson2d", "boundary_points": 3}, "model": {"name": "pinn-mlp"}})
 
 
 def test_parameter_count():

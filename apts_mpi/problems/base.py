@@ -19,9 +19,9 @@ class Problem:
 
     Class attributes
         ``datasets``: names of ``data.dataset`` this problem serves.
-        ``data_keys``: extra ``data.*`` config keys, ``{key: (default, type(s), check or None)}``
-            in the format of :mod:`apts_mpi.config` (e.g. a context length).
-        ``models``: names of ``model.name`` it can build.
+        ``data_keys``: extra ``data.*`` config keys, ``{key: Option}`` (:mod:`apts_mpi.options`,
+            the package's one validator; e.g. a context length).
+        ``models``: names of ``model.name`` it can build (the config refuses any other).
         ``metrics``: names of the per-epoch series that :meth:`evaluate` returns, in order.
         ``target``: (metric, "max" | "min"): the series a ``target`` in the config refers to.
 
@@ -39,6 +39,13 @@ class Problem:
 
     objective: Objective
     n_train: int
+
+    @classmethod
+    def config_rules(cls, cfg: dict):
+        """Cross-key invariants of the resolved config's ``data`` and ``model`` sections that this
+        problem needs (each key has passed its own check): ``(key, message)`` pairs, the message
+        in the validator's style ``<key> <rule>; got <value>``.  None by default."""
+        return ()
 
     def __init__(self, cfg: dict, device: torch.device, dtype: torch.dtype):
         """Load the data of the resolved config ``cfg`` (raises ``DataError`` for bad data)."""

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..data import DataError, data_root
 from ..objective import SampleLoss
+from ..options import Option, at_least
 from .base import Problem
 
 # name: (layers, heads, width, context)
@@ -172,24 +173,22 @@ class LanguageProblem(Problem):
     """Next-character prediction on Tiny Shakespeare (module docstring)."""
 
     datasets = ("tinyshakespeare",)
-    data_keys = {"context": (None, (int, type(None)), (lambda v: v >= 1, ">= 1"))}
+    data_keys = {"context": Option("context", None, (int, type(None)), **at_least(1))}
     models = tuple(GPT_SIZES)
     metrics = ("train_loss", "val_loss", "val_perplexity")
     target = ("val_loss", "min")
 
+    @classmethod
+    def config_rules(cls, cfg):
+        name, context = cfg["model"]["name"], cfg["data"]["context"]
+        if context is not None and context > GPT_SIZES[name][3]:
+            yield "context", (f"data.context must be at most {GPT_SIZES[name][3]} (the context of "
+                              f"{name}); got {context}")
+
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
-        from ..config import ConfigError  # here: the config module may import the problems
-        name = cfg["model"]["name"]
-        if name not in GPT_SIZES:
-            raise ConfigError(f"model.name: must be one of {', '.join(GPT_SIZES)} for "
-                              f"tinyshakespeare, got {name!r}")
-        model_context = GPT_SIZES[name][3]
-        context = cfg["data"].get("context")
-        self.context = model_context if context is None else context
-        if not 1 <= self.context <= model_context:
-            raise ConfigError(f"data.context: must be in [1, {model_context}] (the context of "
-                              f"{name}), got {self.context}")
+        context = cfg["data"].get("context")  # checked by the config (config_rules)
+        self.context = GPT_SIZES[cfg["model"]["name"]][3] if context is None else context
         path = data_root(cfg["data"].get("root")) / FILE
         text = read_text(path)
         self.chars = sorted(set(text))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..objective import Objective
+from ..options import Option, at_least
 from .base import Problem
 
 GRID = 101
@@ -106,18 +107,14 @@ class PoissonProblem(Problem):
     """The 2-D Poisson PINN (module docstring)."""
 
     datasets = ("poisson2d",)
-    data_keys = {"interior_points": (N_INTERIOR, int, (lambda v: v >= 1, ">= 1")),
-                 "boundary_points": (N_BOUNDARY, int, (lambda v: v >= 4, ">= 4"))}
+    data_keys = {o.name: o for o in (Option("interior_points", N_INTERIOR, int, **at_least(1)),
+                                     Option("boundary_points", N_BOUNDARY, int, **at_least(4)))}
     models = tuple(MLP_HIDDEN)
     metrics = ("l2_error", "pde_loss", "boundary_loss")
     target = ("l2_error", "min")
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
-        from ..config import ConfigError  # here: the config module may import the problems
-        if cfg["model"]["name"] not in MLP_HIDDEN:
-            raise ConfigError(f"model.name: must be one of {', '.join(MLP_HIDDEN)} for poisson2d, "
-                              f"got {cfg['model']['name']!r}")
         n_i = cfg["data"].get("interior_points", N_INTERIOR)
         n_b = cfg["data"].get("boundary_points", N_BOUNDARY)
         generator = torch.Generator().manual_seed(cfg["seed"])

@@ -2,9 +2,9 @@
 
 A run folder holds ``metrics.h5`` (:mod:`apts_mpi.results.metrics`, whose docstring lists the
 series read here).  :func:`summarize_runs` groups runs that differ only in seed and gives the
-numbers; :func:`report_table` prints them; :func:`format_table` is the one table formatter of the
-package (plain aligned text or Markdown), used by the benchmarks and the reproduction scripts too;
-:func:`plot_runs` draws the curves of every run.
+numbers; :func:`report_table` prints them with the package's one table formatter
+(:func:`apts_mpi.tables.format_table`, re-exported here); :func:`plot_runs` draws the curves of
+every run.
 """
 from __future__ import annotations
 
@@ -19,39 +19,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..tables import format_table
 from .files import atomic_write
 from .metrics import METRICS_FILE, read_metrics
 
 __all__ = ["summarize_runs", "report_table", "format_table", "plot_runs"]
-
-
-def format_table(header: list, rows: list, style: str = "plain") -> str:
-    """One table from a header and rows of cells (each cell a ``str``).
-
-    ``style="plain"``: columns padded to their widest cell and separated by two spaces, the first
-    left-aligned and the others right-aligned, a rule of dashes under the header, a final newline.
-    ``style="markdown"``: ``| a | b |`` lines with a ``|---|`` separator row, no padding and no final
-    newline.  Raises ``ValueError`` for an unknown style or a row whose length differs from the
-    header's.
-    """
-    for i, row in enumerate(rows):
-        if len(row) != len(header):
-            raise ValueError(f"format_table: row {i} has {len(row)} cells, the header "
-                             f"{len(header)}")
-    if style == "markdown":
-        def md(cells):
-            return "| " + " | ".join(cells) + " |"
-        return "\n".join([md(header), "|" + "---|" * len(header)] + [md(r) for r in rows])
-    if style != "plain":
-        raise ValueError(f"format_table: unknown style {style!r} (plain or markdown)")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule] + [line(r) for r in rows]) + "\n"
 
 
 class _Measure(NamedTuple):

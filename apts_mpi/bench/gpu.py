@@ -1,7 +1,7 @@
 """APTS on one GPU: seconds per iteration with each option, the cost split, MNIST time to 97%.
 
     scripts/gpu_bench [--data ROOT] [--out DIR]                    (one GPU, under 5 minutes)
-    python -m apts_mpi.gpu_bench --device cpu --quick --out DIR    (smoke test: tiny sizes, seconds)
+    python -m apts_mpi.bench.gpu --device cpu --quick --out DIR    (smoke test: tiny sizes, seconds)
 
 Rows (each timed between device synchronisations, median over the timed iterations):
 
@@ -14,7 +14,9 @@ Rows (each timed between device synchronisations, median over the timed iteratio
   (``fast``: configs/mnist-apts-fast-n2.yaml) with and without device decisions;
   the peak device memory of the row (``torch.cuda.max_memory_allocated``; on the CPU the process's
   peak resident set, which never goes down); the predicted cost share of each subdomain
-  (:func:`apts_mpi.decomposition.evaluation_costs`) beside its measured local-phase seconds;
+  (:func:`apts_mpi.decomposition.evaluation_costs`) beside the measured share: on 2 ranks each
+  subdomain's local-phase seconds, in serial emulation the longest local phase over all of them
+  (the iteration report's ``seconds_local_max`` and ``seconds_local``);
 * the MNIST rows on 2 MPI ranks sharing the device (``balanced``, ``cost``, ``device`` and
   ``fast+device``), where ``mpiexec``
   is found (``MPIEXEC`` to choose it), launched as ``mpiexec -n 2 python -m mpi4py``;
@@ -30,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -40,14 +40,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .apts import APTS
-from .bench import CONFIGS, config_options
-from .decomposition import evaluation_costs
-from .models import build_model
+from ..decomposition import evaluation_costs
+from ..models import build_model
+from ..objective import as_objective
+from . import tables
+from .harness import (CONFIGS, build_apts, config_options, median, peak_memory_mb,
+                      reset_peak_memory, sync, time_steps, write_json)
 
 # the paper's MNIST setting and the fast config, read from their config files
-MNIST_APTS = config_options(os.path.join(CONFIGS, "mnist-apts-n2.yaml"))
-FAST = config_options(os.path.join(CONFIGS, "mnist-apts-fast-n2.yaml"))
+MNIST_APTS = config_options(CONFIGS / "mnist-apts-n2.yaml")
+FAST = config_options(CONFIGS / "mnist-apts-fast-n2.yaml")
 RESNET_APTS = dict(acceptance="none", global_iters=1)
 DEVICE = dict(local_decisions="device")  # branch-free local phases, one transfer each
 OPTIONS = {"default": {}, "bf16": dict(autocast="bf16"), "cost": dict(decomposition="cost"),
@@ -70,22 +72,6 @@ def sizes(quick: bool) -> dict:
                 tta_epochs=40)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _random_batch(n, shape, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)
@@ -103,24 +89,9 @@ def _model(name, shape, device):
     return build_model(name, shape, 10).to(device)
 
 
-def _timed_local_phases(opt, device):
-    """Wrap ``opt._local_phase`` so that each subdomain's local seconds (between device
-    synchronisations) are recorded in the returned dict d -> list of seconds."""
-    seconds, phase = {}, opt._local_phase
-
-    def timed(d, core, batch, theta):
-        _sync(device)
-        t = time.perf_counter()
-        out = phase(d, core, batch, theta)
-        _sync(device)
-        seconds.setdefault(d, []).append(time.perf_counter() - t)
-        return out
-    opt._local_phase = timed
-    return seconds
-
-
 def apts_row(network, option, batch, device, s, comm=None, subdomains=None):
-    """Median seconds per APTS iteration, peak memory, predicted and measured split."""
+    """Median seconds per APTS iteration, peak memory, predicted and measured split (from the
+    iteration report: the longest local phase and all of them; ``comm``, a Comm: this rank's)."""
     x, y = batch
     shape = tuple(x.shape[1:])
     model = _model(network, shape, device)
@@ -129,44 +100,36 @@ def apts_row(network, option, batch, device, s, comm=None, subdomains=None):
     if not fully_connected:
         keywords["micro_batch"] = s["resnet_micro"]
     example = x[:2]
-    _reset_peak(device)
-    opt = APTS(model, F.cross_entropy, comm, subdomains=subdomains, example=example, **keywords)
-    local = _timed_local_phases(opt, device)
+    reset_peak_memory(device)
+    opt = build_apts(model, F.cross_entropy, None if comm is None else comm.comm,
+                     subdomains=subdomains, example=example, **keywords)
     iters = s["mnist_iters"] if fully_connected else s["resnet_iters"]
-    times = []
-    for k in range(s["warmup"] + iters):
-        if comm is not None:
-            comm.Barrier()
-        _sync(device)
-        t = time.perf_counter()
-        opt.step(x, y)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    for d in local:
-        local[d] = statistics.median(local[d][s["warmup"]:])
-    prefix = opt.objective.sequential_inputs and isinstance(model, torch.nn.Sequential)
-    predicted = evaluation_costs(model, opt.subdomains, example, prefix_cached=prefix)
-    return dict(network=network, option=option, ranks=1 if comm is None else comm.Get_size(),
-                subdomains=opt.n_subdomains, seconds=statistics.median(times[s["warmup"]:]),
-                peak_mb=_peak_mb(device), predicted=[c / sum(predicted) for c in predicted],
+    critical, total = [], []
+
+    def record(_):
+        critical.append(opt.report.seconds_local_max)
+        total.append(opt.report.seconds_local)
+    times = time_steps(lambda: opt.step(x, y), s["warmup"], iters, comm=comm, device=device,
+                       after=record)
+    prefix_cached = as_objective(F.cross_entropy).sequential_inputs \
+        and isinstance(model, torch.nn.Sequential)  # a frozen prefix is run once: the split knows
+    predicted = evaluation_costs(model, opt.subdomains, example, prefix_cached=prefix_cached)
+    return dict(network=network, option=option, ranks=1 if comm is None else comm.size,
+                subdomains=opt.n_subdomains, seconds=median(times), peak_mb=peak_memory_mb(device),
+                predicted=[c / sum(predicted) for c in predicted],
                 parameters=[sd.numel for sd in opt.subdomains],
-                local_seconds={str(d): v for d, v in sorted(local.items())})
+                local_critical=median(critical), local_total=median(total))
 
 
 def adam_row(network, batch, device, s, micro=None):
     x, y = batch
     model = _model(network, tuple(x.shape[1:]), device)
     opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-    _reset_peak(device)
-    times = []
-    for k in range(s["warmup"] + max(s["mnist_iters"], 1 if s["warmup"] == 0 else 3)):
-        _sync(device)
-        t = time.perf_counter()
-        _adam_step(model, opt, x, y, micro)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return dict(network=network, option="adam", ranks=1, subdomains=None,
-                seconds=statistics.median(times[s["warmup"]:]), peak_mb=_peak_mb(device))
+    reset_peak_memory(device)
+    times = time_steps(lambda: _adam_step(model, opt, x, y, micro), s["warmup"],
+                       max(s["mnist_iters"], 1 if s["warmup"] == 0 else 3), device=device)
+    return dict(network=network, option="adam", ranks=1, subdomains=None, seconds=median(times),
+                peak_mb=peak_memory_mb(device))
 
 
 def _adam_step(model, opt, x, y, micro=None):
@@ -190,7 +153,7 @@ def time_to_accuracy(method, data, device, s):
     model = _model("mnist-fc", (1, 28, 28), device)
     if method.startswith("apts"):  # the paper's keywords, or the fast config's with device decisions
         fast = dict(OPTIONS["fast+device"], micro_batch=s["tta_batch"] // 8) if method == "apts-fast" else {}
-        opt = APTS(model, F.cross_entropy, subdomains=2, **dict(MNIST_APTS, **fast))
+        opt = build_apts(model, F.cross_entropy, subdomains=2, **dict(MNIST_APTS, **fast))
         step = opt.step
     else:
         adam = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
@@ -201,12 +164,12 @@ def time_to_accuracy(method, data, device, s):
     seconds, best, b = 0.0, 0.0, s["tta_batch"]
     for epoch in range(1, s["tta_epochs"] + 1):
         order = torch.randperm(len(train_y), generator=g).to(device)
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         for a in range(0, len(order) - b + 1, b):
             idx = order[a:a + b]
             step(train_x[idx], train_y[idx])
-        _sync(device)
+        sync(device)
         seconds += time.perf_counter() - t
         acc = _accuracy(model, test_x, test_y)
         best = max(best, acc)
@@ -222,7 +185,7 @@ def mnist_data(root, device, s):
         x, y = _random_batch(s["tta_train"], (1, 28, 28), device, seed=1)
         tx, ty = _random_batch(s["tta_test"], (1, 28, 28), device, seed=2)
         return x, y, tx, ty, "random"
-    from .data import load_dataset
+    from ..data import load_dataset
     d = load_dataset("mnist", root)
     return (d.train_x.to(device), d.train_y.to(device), d.test_x.to(device), d.test_y.to(device),
             "mnist")
@@ -251,22 +214,18 @@ def split_benchmark(args):
         rows += mpi_rows(args)
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   torch=torch.__version__, data="random", quick=args.quick, sizes=s, rows=rows, tta=[])
-    print(table(result))
-    path = os.path.join(args.out, "gpu_bench_split.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    print(tables.gpu(result, TARGET))
+    write_json(os.path.join(args.out, "gpu_bench_split.json"), result)
 
 
 # -- two MPI ranks ----------------------------------------------------------------------------------
 def worker(args):
     """Under ``mpiexec -n 2``: the MNIST rows on two ranks; rank 0 writes them to ``args.worker``."""
-    from mpi4py import MPI
-    from .comm import select_device
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() != 2:  # mpiexec of one MPI library, mpi4py bound to another: singletons
-        sys.exit(f"gpu_bench: this rank sees a world of {comm.Get_size()}, not 2: mpiexec and "
-                 f"mpi4py's MPI library ({MPI.Get_library_version().splitlines()[0]}) differ; "
+    from ..comm import library_version, select_device, world
+    comm = world()
+    if comm.size != 2:  # mpiexec of one MPI library, mpi4py bound to another: singletons
+        sys.exit(f"gpu_bench: this rank sees a world of {comm.size}, not 2: mpiexec and "
+                 f"mpi4py's MPI library ({library_version()}) differ; "
                  "point MPI4PY_LIBMPI at the library of this mpiexec")
     device = select_device(comm, args.device)
     s = split_sizes(args.quick) if args.split else sizes(args.quick)
@@ -276,10 +235,11 @@ def worker(args):
                               (1, 28, 28), device)
         for option in ("default", "cost") if args.split else ("default", "cost", "device", "fast+device"):
             row = apts_row(network, option, batch, device, s, comm=comm)
-            every = comm.gather(row["local_seconds"], root=0)
-            row["local_seconds"] = {str(d): v for r in (every or []) for d, v in r.items()}
+            every = comm.gather_object(row.pop("local_total"), root=0)  # one subdomain per rank
+            del row["local_critical"]
+            row["local_seconds"] = {str(d): v for d, v in enumerate(every or [])}
             rows.append(row)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         with open(args.worker, "w") as f:
             json.dump(rows, f)
 
@@ -289,10 +249,10 @@ def mpi_rows(args):
     if mpiexec is None:
         return [dict(network="mnist-fc", option="2 ranks", error="no mpiexec found")]
     path = os.path.join(args.out, "mpi-rows.json")
-    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "apts_mpi.gpu_bench",
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "apts_mpi.bench.gpu",
            "--device", args.device, "--worker", path] + (["--quick"] if args.quick else []) \
         + (["--split"] if args.split else [])
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = str(CONFIGS.parent)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     try:
@@ -307,68 +267,8 @@ def mpi_rows(args):
     return rows
 
 
-# -- the table --------------------------------------------------------------------------------------
-def _split(row) -> str:
-    """Predicted cost share against measured local-seconds share, per subdomain."""
-    measured = [row["local_seconds"][k] for k in sorted(row["local_seconds"], key=int)]
-    total = sum(measured) or 1.0
-    return " ".join(f"{100 * p:.0f}/{100 * m / total:.0f}" for p, m in zip(row["predicted"], measured))
-
-
-def table(result) -> str:
-    from .results import format_table
-    cells = []
-    for r in result["rows"]:
-        if "error" in r:
-            cells.append([r["network"], r["option"], "-", "-", "-", "-", "-", "FAILED: " + r["error"]])
-            continue
-        apts = r["option"] != "adam"
-        label = "Adam" if not apts else f"APTS {r['option']}"
-        where = "1" if r["ranks"] == 1 else f"{r['ranks']} ranks"
-        cells.append([r["network"], label, where, str(r["subdomains"] or "-"),
-                      f"{r['seconds'] * 1e3:.1f}", f"{r['peak_mb']:.0f}",
-                      f"{max(r['local_seconds'].values()) * 1e3:.1f}" if apts else "-",
-                      _split(r) if apts else ""])
-    lines = [f"device: {result['device']}, torch {result['torch']}, data: {result['data']}",
-             format_table(["network", "method", "ranks", "N", "ms/iter", "peak MB",
-                           "critical local ms", "split % predicted/measured"], cells,
-                          style="markdown"), ""]
-    for r in result["tta"]:
-        if "error" in r:
-            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: FAILED: {r['error']}")
-        elif r["epoch"] is None:
-            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: not reached in "
-                         f"{r['epochs']} epochs (best {100 * r['best']:.2f}%)")
-        else:
-            lines.append(f"- MNIST time to {100 * TARGET:.0f}%, {r['method']}: {r['seconds']:.2f} s "
-                         f"(epoch {r['epoch']}, best {100 * r['best']:.2f}%)")
-    lines += _targets(result)
-    return "\n".join(lines)
-
-
-def _targets(result) -> list[str]:
-    """The issue's targets (GPU): MNIST APTS iteration <= 10 ms, time to 97% <= 2x Adam's,
-    ResNet-18 APTS iteration (serial N = 4) <= 3.5 s; the best option of each row."""
-    out = []
-    single = [r for r in result["rows"] if "error" not in r and r["ranks"] == 1 and r["option"] != "adam"]
-    for network, limit in (("mnist-fc", 0.010), ("resnet18", 3.5)):
-        rows = [r for r in single if r["network"] == network]
-        if rows:
-            best = min(rows, key=lambda r: r["seconds"])
-            out.append(f"- target {network} APTS iteration <= {limit:g} s: best {best['seconds']:.4f} s "
-                       f"({best['option']}): {'met' if best['seconds'] <= limit else 'not met'}")
-    tta = {r["method"]: r for r in result["tta"] if r.get("seconds") is not None}
-    apts = [m for m in tta if m.startswith("apts")]
-    if apts and "adam" in tta:
-        best = min(apts, key=lambda m: tta[m]["seconds"])
-        ratio = tta[best]["seconds"] / tta["adam"]["seconds"]
-        out.append(f"- target MNIST time to {100 * TARGET:.0f}% <= 2x Adam's: {ratio:.2f}x ({best}): "
-                   f"{'met' if ratio <= 2 else 'not met'}")
-    return out
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m apts_mpi.gpu_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apts_mpi.bench.gpu", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--data", default=os.environ.get("APTS_DATA"), help="MNIST under DATA/MNIST/raw")
@@ -385,7 +285,7 @@ def main(argv=None):
         return split_benchmark(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_bench: torch finds no CUDA device on this machine (--device cpu to run here)")
-    from .data import DataError
+    from ..data import DataError
     s = sizes(args.quick)
     device = torch.device(args.device)
     try:
@@ -409,11 +309,8 @@ def main(argv=None):
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   torch=torch.__version__, data=mnist[4], quick=args.quick, sizes=s, rows=rows,
                   tta=tta)
-    print(table(result))
-    path = os.path.join(args.out, "gpu_bench.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    print(tables.gpu(result, TARGET))
+    write_json(os.path.join(args.out, "gpu_bench.json"), result)
 
 
 if __name__ == "__main__":

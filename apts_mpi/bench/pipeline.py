@@ -1,7 +1,7 @@
 """Benchmark of model-parallel APTS (apts_mpi/model_parallel.py) beside data-parallel APTS.
 
-    mpiexec -n N python -m mpi4py -m apts_mpi.bench_pipeline run --network mnist --out FILE.jsonl
-    python -m apts_mpi.bench_pipeline summary FILE.jsonl --json FILE.json
+    mpiexec -n N python -m mpi4py -m apts_mpi.bench.pipeline run --network mnist --out FILE.jsonl
+    python -m apts_mpi.bench.pipeline summary FILE.jsonl --json FILE.json
 
 ``run`` times ``--iterations`` APTS iterations (after one warm-up) with ``decomposition="stages"``
 on one of three networks (``mnist``: 784-512-256-10; ``deep``: a uniform MLP of 16 layers
@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
-import time
 
 import torch
 
-from .apts import APTS
-from .models import build_model
+from ..comm import world
+from ..models import build_model
+from . import tables
+from .harness import append_jsonl, build_apts, median, read_jsonl, time_steps, write_json
 
 NETWORKS = ("mnist", "deep", "gpt")
 
@@ -34,7 +34,7 @@ def problem(name: str, batch: int):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "gpt":
-        from .problems.language import GPT_SIZES, gpt
+        from ..problems.language import GPT_SIZES, gpt
         layers, heads, width, context = GPT_SIZES["gpt-small"]
         ids = torch.randint(0, 65, (batch, context + 1), generator=g)
         return gpt(65, layers, heads, width, context), ids[:, :-1], ids[:, 1:]
@@ -49,58 +49,37 @@ def problem(name: str, batch: int):
 
 
 def run(args):
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
+    comm = world()
     model, x, y = problem(args.network, args.batch)
     total = sum(p.numel() for p in model.parameters())
     mp = args.mode == "model-parallel"
-    opt = APTS(model, torch.nn.functional.cross_entropy, comm, decomposition="stages",
-               model_parallel=mp, local_iters=args.local_iters, micro_batch=args.micro_batch)
-    seconds, sent = [], []
-    for it in range(args.iterations + 1):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        opt.step(x, y)
-        comm.Barrier()
-        if it:  # the first is a warm-up
-            seconds.append(time.perf_counter() - t0)
-            sent.append(opt.bytes_per_link if mp else (0, 0))
+    opt = build_apts(model, torch.nn.functional.cross_entropy, comm.comm, decomposition="stages",
+                     model_parallel=mp, local_iters=args.local_iters, micro_batch=args.micro_batch)
+    sent = []
+    seconds = time_steps(lambda: opt.step(x, y), 1, args.iterations, comm=comm, barrier_after=True,
+                         after=lambda _: sent.append(opt.bytes_per_link if mp else (0, 0)))
     held = opt.params_held if mp else total
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-    per_rank = comm.gather(dict(params_held=held, peak_rss_mib=rss,
-                                bytes_down=statistics.median(s[0] for s in sent),
-                                bytes_up=statistics.median(s[1] for s in sent)), root=0)
-    if comm.Get_rank() == 0:
-        row = dict(network=args.network, mode=args.mode, ranks=comm.Get_size(), total=total,
+    per_rank = comm.gather_object(dict(params_held=held, peak_rss_mib=rss,
+                                       bytes_down=median(s[0] for s in sent),
+                                       bytes_up=median(s[1] for s in sent)), root=0)
+    if comm.rank == 0:
+        row = dict(network=args.network, mode=args.mode, ranks=comm.size, total=total,
                    batch=args.batch, micro_batch=args.micro_batch, local_iters=args.local_iters,
-                   seconds=statistics.median(seconds), per_rank=per_rank,
-                   oversubscribed=comm.Get_size() > args.cores)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+                   seconds=median(seconds), per_rank=per_rank, oversubscribed=comm.size > args.cores)
+        append_jsonl(args.out, row)
         print(json.dumps(row))
 
 
 def summary(paths, json_out=None):
-    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    print("| network | mode | ranks | params held per rank (share) | peak RSS per rank MiB | "
-          "s/iter | MB per link per iter, down (up) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        held = " / ".join(f"{q['params_held']:,} ({q['params_held'] / r['total']:.2f})"
-                          for q in r["per_rank"])
-        rss = " / ".join(f"{q['peak_rss_mib']:.0f}" for q in r["per_rank"])
-        links = " / ".join(f"{q['bytes_down'] / 1e6:.1f} ({r['per_rank'][i + 1]['bytes_up'] / 1e6:.1f})"
-                           for i, q in enumerate(r["per_rank"][:-1])) or "-"
-        links = links if r["mode"] == "model-parallel" else "- (collectives)"
-        ranks = f"{r['ranks']} (oversubscribed)" if r["oversubscribed"] else str(r["ranks"])
-        print(f"| {r['network']} | {r['mode']} | {ranks} | {held} | {rss} | {r['seconds']:.3f} | {links} |")
+    rows = read_jsonl(paths)
+    print(tables.pipeline(rows))
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(json_out, rows)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m apts_mpi.bench_pipeline", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apts_mpi.bench.pipeline", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="time model-parallel (or data-parallel) APTS on this world")
     r.add_argument("--network", choices=NETWORKS, default="mnist")

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import format_table, plot_runs, read_metrics
+from ..results import plot_runs
+from . import tables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 SGD_LRS = (0.03, 0.1, 0.3, 1.0)
 
@@ -148,101 +149,6 @@ def launch(runs: list[Run], out: Path, data: str, device: str, cores: int) -> No
                          f"(see their .log files under {out})")
 
 
-def _series(run_dir):
-    iterations, epochs, attrs = read_metrics(Path(run_dir) / "metrics.h5")
-    return iterations, epochs, attrs
-
-
-def _to_target(epochs, metric, target, mode):
-    """(epoch, seconds, grad_evals) when ``metric`` first reaches ``target``, or None."""
-    values = np.asarray(epochs[metric])
-    hit = np.flatnonzero(values >= target if mode == "max" else values <= target)
-    if not hit.size:
-        return None
-    i = hit[0]
-    return int(epochs["epoch"][i]), float(epochs["seconds"][i]), float(epochs["grad_evals"][i])
-
-
-def _mean_std(values, fmt):
-    values = np.asarray(values, dtype=float)
-    if values.size > 1:
-        return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
-    return fmt.format(values.mean())
-
-
-def _problem_table(runs, metric, mode, target, work_of):
-    """Rows of one problem: per method, seeds, final and best metric, time/evaluations to target."""
-    rows, numbers = [], []
-    by_method = {}
-    for run, path in runs:
-        by_method.setdefault(run.name.rsplit("-seed", 1)[0], []).append(path)
-    for method, paths in by_method.items():
-        series = [_series(p) for p in paths if (Path(p) / "metrics.h5").exists()]
-        if not series:
-            continue
-        final = [e[metric][-1] for _, e, _ in series]
-        best = [(np.nanmax if mode == "max" else np.nanmin)(e[metric]) for _, e, _ in series]
-        hits = [_to_target(e, metric, target, mode) for _, e, _ in series] if target is not None else []
-        reached = [h for h in hits if h is not None]
-        evals = [e["grad_evals"][-1] for _, e, _ in series]
-        seconds = [e["seconds"][-1] for _, e, _ in series]
-        work = [work_of(a, e) for _, e, a in series]
-        ran = sorted({int(e["epoch"][-1]) for _, e, _ in series})  # runs stopped at the target differ
-        row = dict(method=method, seeds=len(series), epochs=ran[-1],
-                   final=final, best=best, reached=len(reached),
-                   to_target_seconds=[h[1] for h in reached], to_target_evals=[h[2] for h in reached],
-                   grad_evals=evals, gradient_work=work, seconds=seconds)
-        numbers.append(row)
-        rows.append([method, str(len(series)), "-".join(map(str, sorted({ran[0], ran[-1]}))),
-                     _mean_std(final, "{:.4g}"), _mean_std(best, "{:.4g}"),
-                     f"{len(reached)}/{len(series)}",
-                     _mean_std(row["to_target_seconds"], "{:.0f}") if reached else "-",
-                     _mean_std(row["to_target_evals"], "{:.0f}") if reached else "-",
-                     _mean_std(evals, "{:.0f}"), _mean_std(work, "{:.1f}"), _mean_std(seconds, "{:.0f}")])
-    header = ["run", "seeds", "epochs", f"final {metric}", f"best {metric}", "reached target",
-              "seconds to target", "grad evals to target", "grad evals", "gradient work (epochs)",
-              "seconds"]
-    return format_table(header, rows, style="markdown"), numbers
-
-
-def _best_at(epochs, metric, evals):
-    """The smallest ``metric`` of a run among its epochs ended within ``evals`` gradient evaluations."""
-    within = np.asarray(epochs["grad_evals"]) <= evals
-    return float(np.min(np.asarray(epochs[metric])[within])) if within.any() else float("nan")
-
-
-def _equal_evals_table(runs, metric):
-    """Per APTS run (alone or after Adam): its final gradient evaluations E and best ``metric``,
-    beside the best of every Adam-then-L-BFGS run of the same seed within E evaluations."""
-    done = [(r, p) for r, p in runs if (p / "metrics.h5").exists()]
-    baselines = sorted({r.method for r, _ in done if r.method.startswith("adam-lbfgs")})
-    rows, numbers = [], []
-    for run, path in done:
-        if "apts" not in run.method:
-            continue
-        epochs = _series(path)[1]
-        evals, best = float(epochs["grad_evals"][-1]), float(np.min(epochs[metric]))
-        others = {}
-        for b in baselines:
-            twin = [p for r, p in done if r.method == b and r.seed == run.seed]
-            others[b] = _best_at(_series(twin[0])[1], metric, evals) if twin else float("nan")
-        numbers.append(dict(method=run.method, seed=run.seed, grad_evals=evals, best=best, **others))
-        rows.append([run.method, str(run.seed), f"{evals:.0f}", f"{best:.3g}",
-                     *(f"{v:.3g} ({'APTS at least as accurate' if best <= v else 'APTS behind'})"
-                       if np.isfinite(v) else "-" for v in others.values())])
-    header = ["run", "seed", "grad evals E", f"best {metric}", *(f"{b} within E" for b in baselines)]
-    return format_table(header, rows, style="markdown"), numbers
-
-
-def _work(attrs, epochs):
-    """Gradient evaluations times minibatch over training-set size (epochs of per-sample gradients)."""
-    n_train = attrs.get("n_train")
-    batch = attrs.get("config", {}).get("data", {}).get("batch_size")
-    if not n_train or not batch:
-        return float("nan")
-    return float(epochs["grad_evals"][-1]) * min(batch, n_train) / n_train
-
-
 def summarize(runs: list[Run], out: Path) -> str:
     """The suite's tables (markdown) and figures; also OUT/suite.json."""
     parts, numbers = [], {}
@@ -250,9 +156,9 @@ def summarize(runs: list[Run], out: Path) -> str:
     path = lambda r: out / r.problem / r.name  # noqa: E731
     pinn = [(r, path(r)) for r in runs if r.problem == "pinn"]
     if pinn:
-        table, numbers["pinn"] = _problem_table(pinn, "l2_error", "min", 1e-3, _work)
+        table, numbers["pinn"] = tables.suite_problem(pinn, "l2_error", "min", 1e-3, tables.gradient_work)
         parts += ["### PINN: 2-D Poisson, relative L2 error (target 1e-3)", "", table, ""]
-        table, numbers["pinn_equal_evals"] = _equal_evals_table(pinn, "l2_error")
+        table, numbers["pinn_equal_evals"] = tables.suite_equal_evaluations(pinn, "l2_error")
         parts += ["### PINN: best L2 error so far at APTS's gradient evaluations, against the "
                   "Adam-then-L-BFGS runs of the same seed", "", table, ""]
         _plot([p for _, p in pinn], out / "pinn.png")
@@ -263,12 +169,13 @@ def summarize(runs: list[Run], out: Path) -> str:
         if adamw:
             finals = {}
             for r, p in adamw:
-                finals.setdefault(r.sets["optimizer.lr"], []).append(_series(p)[1]["val_loss"][-1])
+                finals.setdefault(r.sets["optimizer.lr"], []).append(tables.run_series(p)[1]["val_loss"][-1])
             best_lr = min(finals, key=lambda lr: np.mean(finals[lr]))
             target = float(np.mean(finals[best_lr]))
             numbers["shakespeare_target"] = dict(best_lr=best_lr, val_loss=target)
-        table, numbers["shakespeare"] = _problem_table(lm, "val_loss", "min", target, _work)
-        sweep = sum(_series(p)[1]["seconds"][-1] for r, p in lm
+        table, numbers["shakespeare"] = tables.suite_problem(lm, "val_loss", "min", target,
+                                                             tables.gradient_work)
+        sweep = sum(tables.run_series(p)[1]["seconds"][-1] for r, p in lm
                     if r.method in ("adamw", "sgd") and (p / "metrics.h5").exists())
         parts += [f"### Tiny Shakespeare, small GPT: validation loss in nats per character "
                   f"(target {target:.4f}: the best AdamW of the sweep)" if target else
@@ -277,7 +184,7 @@ def summarize(runs: list[Run], out: Path) -> str:
         _plot([p for _, p in lm], out / "shakespeare.png")
     scaling = [r for r in runs if r.problem == "scaling"]
     if scaling:
-        table, numbers["scaling"] = _scaling_table(scaling, out)
+        table, numbers["scaling"] = tables.suite_scaling(scaling, out)
         parts += ["### Scaling: APTS on the PINN, seconds per iteration (median)", "", table, ""]
     text = "\n".join(parts)
     (out / "suite.md").write_text(text)
@@ -289,34 +196,6 @@ def _plot(paths, figure):
     done = [p for p in paths if (p / "metrics.h5").exists()]
     if done:
         plot_runs(done, figure)
-
-
-def _scaling_table(runs, out):
-    rows, numbers, base = [], [], {}
-    for run in runs:
-        p = out / run.problem / run.name
-        if not (p / "metrics.h5").exists():
-            continue
-        it = _series(p)[0]
-        n, kind = run.sets["optimizer.subdomains"], run.method.split("-")[0]
-        seconds = float(np.median(it["seconds"][1:] if len(it["seconds"]) > 1 else it["seconds"]))
-        if run.method.endswith("serial"):
-            local_max = np.asarray(it["seconds_local_max"])
-            shared = np.asarray(it["seconds_global"])
-            path_n = float(np.median(local_max + shared / n))
-            numbers.append(dict(kind=kind, n=n, serial_seconds=seconds, critical_path=path_n))
-            rows.append([kind, str(n), "1 (serial emulation)", f"{seconds:.3f}", f"{path_n:.3f}", "", ""])
-        else:
-            base.setdefault(kind, seconds if n == 1 else None)
-            b = base.get(kind)
-            speedup = b / seconds if b else float("nan")
-            eff = speedup / n if kind == "strong" else b / seconds if b else float("nan")
-            numbers.append(dict(kind=kind, n=n, ranks_seconds=seconds, speedup=speedup, efficiency=eff))
-            rows.append([kind, str(n), f"{n} (measured)", f"{seconds:.3f}", "",
-                         f"{speedup:.2f}" if kind == "strong" else "", f"{eff:.2f}"])
-    header = ["scaling", "N", "ranks", "s / iteration", "predicted N-rank critical path s",
-              "speed-up", "efficiency"]
-    return format_table(header, rows, style="markdown"), numbers
 
 
 def main(argv=None):
