@@ -1,4 +1,4 @@
-"""The command line: ``apts-mpi train|report|plot`` (also ``python -m apts_mpi``).
+"""The command line: ``apts-mpi train|report|plot|config|download|export`` (also ``python -m apts_mpi``).
 
     mpiexec -n 4 python -m mpi4py -m apts_mpi train configs/demo.yaml --out runs/demo
     apts-mpi report runs/*
@@ -39,8 +39,10 @@ from pathlib import Path
 from . import config as configuration
 from .errors import InputError
 from .preemption import EXIT_RESUMABLE, Preempted, StopRequest
-from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, load_checkpoint, plot_runs,
-                      read_metrics, report_table)
+from . import options
+from ._version import __version__
+from .results import (CHECKPOINT_FILE, METRICS_FILE, ResultsError, find_runs, load_checkpoint,
+                      plot_diagnostics, plot_runs, read_metrics, report_records, report_table)
 
 # the project's own input errors (config, data, options, checkpoint, world size, device, output
 # folder): one line and exit 2; anything else is a fault of the program and keeps its traceback
@@ -239,13 +241,126 @@ def _cmd_train(args):
         _fail(str(e), comm, status=EXIT_RESUMABLE, what="stopped")
 
 
+def _runs(paths):
+    """The run folders among ``paths``; one note on stderr per path that is not a run."""
+    runs, skipped = find_runs(paths)
+    for line in skipped:
+        print(f"apts-mpi: note: skipped {line}", file=sys.stderr)
+    return runs
+
+
+REPORT_FORMATS = {"plain": "plain", "md": "markdown", "csv": "csv", "json": "json"}
+
+
 def _cmd_report(args):
-    print(report_table(args.runs))
+    if args.format not in REPORT_FORMATS:
+        raise InputError(f"--format {args.format!r}: use one of {', '.join(REPORT_FORMATS)}")
+    runs = _runs(args.runs)
+    if args.format == "json":
+        import json
+        print(json.dumps(report_records(runs), indent=1, allow_nan=False))
+    else:
+        print(report_table(runs, REPORT_FORMATS[args.format]), end="\n" if args.format == "md" else "")
 
 
 def _cmd_plot(args):
-    plot_runs(args.runs, args.out)
-    print(f"wrote {args.out}")
+    from .results.figure import check_format, has_diagnostics
+    out = Path(args.out)
+    diagnostics = Path(args.diagnostics) if args.diagnostics else \
+        out.with_name(f"{out.stem}-diagnostics{out.suffix}")
+    for path in (out, diagnostics):
+        try:
+            check_format(path)  # before any run is read or any file written
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    runs = _runs(args.runs)
+    plot_runs(runs, out)
+    print(f"wrote {out}")
+    if has_diagnostics(runs):
+        plot_diagnostics(runs, diagnostics)
+        print(f"wrote {diagnostics}")
+    else:
+        print("no trust-region diagnostics: no run has a radius (baselines only)")
+
+
+def _cmd_config(args):
+    if args.config is None and not args.keys:
+        raise InputError("config: give a CONFIG file, or --keys to list every key")
+    cfg = configuration.load(args.config, args.set) if args.config is not None else None
+    if not args.keys:
+        print(configuration.dump(cfg), end="")
+        return
+    rows = [("key", "default", "rule")]
+    rows += [(k, "null" if d is None else str(d).lower() if isinstance(d, bool) else str(d), rule)
+             for k, d, rule in configuration.keys(cfg)]
+    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    for k, d, rule in rows:
+        print(f"{k.ljust(widths[0])}  {d.ljust(widths[1])}  {rule}")
+    if cfg is None:
+        print("(the data.* keys of other data sets and the optimizer.* keys of other methods: "
+              "apts-mpi config CONFIG --keys, or --set data.dataset=... / optimizer.method=...)")
+
+
+def _cmd_download(args):
+    from .data import SOURCES, DataError, download_dataset
+    if args.dataset == "digits":
+        print("digits: nothing to download (scikit-learn bundles it)")
+        return
+    if args.dataset not in SOURCES:
+        raise InputError(f"download: unknown data set {args.dataset!r}"
+                         f"{options.did_you_mean(args.dataset, SOURCES)}; data sets with files to "
+                         f"fetch: {', '.join(SOURCES)} (tinyshakespeare: put input.txt under "
+                         "DIR/tinyshakespeare/)")
+    sources = None
+    if args.mirror:  # the same file names and checksums, from another server
+        base = args.mirror.rstrip("/") + "/"
+        sources = {name: (base + url.rsplit("/", 1)[1], md5)
+                   for name, (url, md5) in SOURCES[args.dataset].items()}
+    try:
+        written = download_dataset(args.dataset, args.root, sources=sources)
+    except DataError as e:
+        raise InputError(str(e)) from None
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{args.dataset}: {'downloaded, MD5 checked' if written else 'already present'} under "
+          f"{args.root}")
+
+
+def _cmd_export(args):
+    import torch
+    from .results.files import atomic_write
+    run = Path(args.run)
+    path = run if run.is_file() else run / CHECKPOINT_FILE
+    if not path.is_file():
+        raise InputError(f"export: no checkpoint at {path} (a run folder holds {CHECKPOINT_FILE} "
+                         "after its first checkpoint)")
+    payload, meta = load_checkpoint(path)
+    state = payload.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"export: {path} holds no whole-model state dict")
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+
+    try:
+        atomic_write(args.out, write)
+    except OSError as e:
+        raise InputError(f"export: cannot write {args.out}: {e.strerror or e}") from None
+    cfg = _run_config(run if run.is_dir() else run.parent)
+    network = cfg.get("model", {}).get("name", "?") if cfg else "?"
+    count = sum(v.numel() for v in state.values() if v.is_floating_point())
+    print(f"wrote {args.out}: the state dict of {network} ({len(state)} tensors, {count} floating "
+          f"point values) at epoch {payload.get('epoch')}; load it with "
+          f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
+
+
+def _run_config(run):
+    try:
+        return read_metrics(run / METRICS_FILE)[2].get("config")
+    except ResultsError:
+        return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,24 +382,87 @@ def _launched_rank():
     return 0
 
 
+EPILOG = """\
+launch:
+  mpiexec -n 4 python -m mpi4py -m apts_mpi train configs/demo.yaml --out runs/demo-n4
+  (python -m mpi4py: a rank that raises aborts the whole job; under SLURM: srun --mpi=pmi2 ...,
+  see jobs/*.sbatch)
+
+exit statuses:
+  0   done (the run's epochs, or its target)
+  1   an unexpected error (a traceback; several ranks: the job is aborted)
+  2   input that cannot run (config, data, folder, checkpoint, rank count, a bad --format or
+      extension): one line "apts-mpi: error: ...", nothing written
+  3   the run cannot go on (non-finite loss, radius stuck at its minimum): metrics written
+  75  stopped by SIGTERM/SIGUSR1 with a checkpoint: continue with --resume
+
+environment:
+  APTS_DATA            data root when the config has no data.root (default ./data)
+  OMP_NUM_THREADS      torch threads per rank (set it to 1 when ranks share cores)
+  SLURM_STEP_NUM_TASKS srun's task count: a world of 1 inside a step of more tasks is refused
+  PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK, SLURM_PROCID
+                       the launcher's rank: only rank 0 prints usage errors
+"""
+
+
 def parser():
-    p = _Parser(prog="apts-mpi", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train from a YAML config (under mpiexec for several ranks)")
-    t.add_argument("config")
+    p = _Parser(prog="apts-mpi", description=__doc__.split("\n")[0], epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"apts-mpi {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, func):
+        c = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.set_defaults(func=func)
+        return c
+
+    t = command("train", "train from a YAML config (under mpiexec for several ranks)", _cmd_train)
+    t.add_argument("config", help="the experiment's YAML file (configs/*.yaml; "
+                                  "apts-mpi config --keys lists the keys)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.radius=0.05 (repeatable)")
     t.add_argument("--out", help="run folder (default runs/<name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.set_defaults(func=_cmd_train)
-    r = sub.add_parser("report", help="table of final/best accuracy, loss, time, evaluations")
-    r.add_argument("runs", nargs="+")
-    r.set_defaults(func=_cmd_report)
-    f = sub.add_parser("plot", help="the main metric (accuracy, validation loss or L2 error) and the "
-                                    "loss against epochs, seconds and gradient evaluations")
-    f.add_argument("runs", nargs="+")
-    f.add_argument("--out", required=True)
-    f.set_defaults(func=_cmd_plot)
+    r = command("report", "table of final/best accuracy, loss, time, evaluations (one row per "
+                          "group of runs differing only in seed)", _cmd_report)
+    r.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders, or folders holding run folders (one level deeper); other "
+                        "paths are skipped with a note")
+    r.add_argument("--format", default="plain", metavar="FORMAT",
+                   help="plain (aligned text, the default), md (Markdown), csv or json")
+    f = command("plot", "the main metric (accuracy, validation loss or L2 error) and the loss "
+                        "against epochs, seconds and gradient evaluations (mean and band over "
+                        "seeds), and the trust-region diagnostics (radius, rho, accepted, ||s||)",
+                _cmd_plot)
+    f.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders, or folders holding run folders (one level deeper); other "
+                        "paths are skipped with a note")
+    f.add_argument("--out", required=True,
+                   help="the curves' figure; the extension picks the format (png, pdf, svg, ...)")
+    f.add_argument("--diagnostics", metavar="PATH",
+                   help="the diagnostics figure (default: OUT's name with -diagnostics added)")
+    c = command("config", "print the resolved config (every default filled in) as YAML, or "
+                          "list every key with its default and rule", _cmd_config)
+    c.add_argument("config", nargs="?", help="the YAML file (optional with --keys)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as for train (repeatable)")
+    c.add_argument("--keys", action="store_true",
+                   help="list every key (of the config's data set and method) with its default "
+                        "and rule")
+    d = command("download", "fetch a data set's files (MD5-checked) into DIR, e.g. on a login "
+                            "node before a job", _cmd_download)
+    d.add_argument("dataset", metavar="DATASET", help="mnist, fashion-mnist or cifar10")
+    d.add_argument("--root", required=True, metavar="DIR",
+                   help="the data root (what APTS_DATA or data.root names in a run)")
+    d.add_argument("--mirror", metavar="URL",
+                   help="another server with the same file names (http://, https:// or file://)")
+    e = command("export", "write a run's trained model as a torch state dict", _cmd_export)
+    e.add_argument("run", metavar="RUN", help="run folder (its checkpoint.h5), or the checkpoint")
+    e.add_argument("--out", required=True,
+                   help="the file to write (e.g. model.pt): "
+                        "model.load_state_dict(torch.load(OUT, weights_only=True))")
     return p
 
 

@@ -43,9 +43,27 @@ def node_local_rank(comm) -> tuple[int, int]:
         local.Free()
 
 
-def select_device(comm, request: str = "auto") -> torch.device:
+def local_rank(comm) -> int:
+    """Collective: this rank's node-local rank, the index of its GPU on a cluster; ``comm`` is a
+    :class:`Comm` or an mpi4py communicator.
+
+    ``SLURM_LOCALID`` where srun started every rank as one task of its step (SLURM's own count of
+    the tasks on each node; ``SLURM_STEP_NUM_TASKS`` equal to the world size on every rank); else,
+    e.g. under mpiexec, or mpirun inside an allocation (its proxies are the step's tasks, one per
+    node), this rank's place among the ranks of ``comm`` that share its node.
+    """
+    comm = comm.comm if isinstance(comm, Comm) else comm
+    tasks, local = os.environ.get("SLURM_STEP_NUM_TASKS", ""), os.environ.get("SLURM_LOCALID", "")
+    from_slurm = tasks.isdigit() and int(tasks) == comm.Get_size() and local.isdigit()
+    if comm.allreduce(int(from_slurm), op=MPI.MIN):  # the same branch on every rank
+        return int(local)
+    return node_local_rank(comm)[0]
+
+
+def select_device(comm, request: str = "auto", local: int | None = None) -> torch.device:
     """The device of this rank: ``cpu``, ``cuda`` (GPU = node-local rank mod GPU count) or ``auto``;
-    ``comm`` is a :class:`Comm` or an mpi4py communicator.
+    ``comm`` is a :class:`Comm` or an mpi4py communicator.  ``local``: the node-local rank
+    (:func:`local_rank`), found here when not given.
 
     Raises InputError (a ValueError) when CUDA is asked for and there is none.
     """
@@ -55,8 +73,8 @@ def select_device(comm, request: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for, but torch finds no CUDA device on this node")
-    local_rank, _ = node_local_rank(comm)
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    local = local_rank(comm) if local is None else local
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 class Traffic:

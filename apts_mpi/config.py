@@ -9,6 +9,7 @@ A config has four sections; every key has a default, so a file names only what d
     target_accuracy: null       # stop once the test accuracy reaches it (time-to-accuracy runs)
     stall_iterations: 100       # stop after this many steps in a row rejected at min_radius
     device: auto                 # auto | cpu | cuda
+    watchdog_s: null            # no progress for this long: exit 75 (null: automatic, 0: off)
     data:      {dataset: digits, root: null, download: false, batch_size: 100000, overlap: 0.0}
     model:     {name: mlp-digits, head: logits, dtype: float32}
     optimizer: {method: apts, ...keywords of that method...}
@@ -88,6 +89,10 @@ TOP = {o.name: o for o in (
     Option("target", None, (float, int, type(None))),
     Option("stall_iterations", 100, int, **_POSITIVE),
     Option("device", "auto", str, **options.choice("auto", "cpu", "cuda")),
+    # seconds without progress before a rank ends the run for a requeue (apts_mpi/watchdog.py);
+    # null: 10 x the slowest iteration, at least 5 minutes; 0: off
+    Option("watchdog_s", None, (float, int, type(None)), check=lambda v: v >= 0,
+           rule="must be >= 0 (0: off)"),
 )}
 DATA = {o.name: o for o in (
     Option("dataset", "digits", str, check=lambda v: v in PROBLEMS,  # the registry as it is now
@@ -125,7 +130,8 @@ def _resolve(raw):
     known = set(TOP) | {"data", "model", "optimizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{unknown[0]}: unknown key{options.did_you_mean(unknown[0], known)} "
+                          f"(known: {', '.join(sorted(known))})")
     config = options.check_keys(TOP, {k: v for k, v in raw.items() if k in TOP})
     data = raw.get("data", {})
     dataset = data.get("dataset", DATA["dataset"].default) if isinstance(data, dict) else None
@@ -194,7 +200,8 @@ def load(path, overrides=()) -> dict:
 
 # keys that say where a run stops or how often it writes, not which trajectory it follows: a run
 # may be resumed with other values (e.g. more epochs)
-RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations")
+RESUMABLE = ("epochs", "checkpoint_every", "name", "target_accuracy", "target", "stall_iterations",
+             "watchdog_s")
 
 
 def digest(config: dict) -> str:
@@ -210,3 +217,34 @@ def digest(config: dict) -> str:
     trajectory = {k: v for k, v in config.items() if k not in RESUMABLE}
     trajectory["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(prune(trajectory), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(option) -> tuple:
+    """(default, rule in words) of a key's :class:`~apts_mpi.options.Option`."""
+    rule = options.type_name(option.types) + (f", {option.rule}" if option.rule else "")
+    return option.default, rule + (f"; {option.help}" if option.help else "")
+
+
+def keys(config: dict | None = None) -> list:
+    """Every key a config may hold, as ``(key, default, rule)`` rows: the top level, ``data`` (with
+    the keys of the config's data set), ``model`` (with its networks) and ``optimizer`` (the
+    keywords of the config's method).  Without ``config``, those of the defaults (digits, apts)."""
+    config = config or resolve({})
+    dataset, method = config["data"]["dataset"], config["optimizer"]["method"]
+    problem = PROBLEMS[dataset]
+    rows = [(k, *_describe(spec)) for k, spec in TOP.items()]
+    rows += [(f"data.{k}", *_describe(spec)) for k, spec in {**DATA, **problem.data_keys}.items()]
+    for k, spec in MODEL.items():
+        default, rule = _describe(spec)
+        if k == "name":
+            rule = f"one of {', '.join(problem.models)} (data set {dataset})"
+        rows.append((f"model.{k}", default, rule))
+    rows.append(("optimizer.method", "apts", f"one of {', '.join(options.TRAINABLE)}"))
+    rows += [(f"optimizer.{k}", *_describe(o))
+             for k, o in options.options(method, config_only=True).items()]
+    return rows
+
+
+def dump(config: dict) -> str:
+    """A resolved config as YAML that :func:`load` reads back to the same config."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -282,17 +282,25 @@ def defaults(method: str, config_only: bool = False) -> dict:
     return {name: o.default for name, o in options(method, config_only).items()}
 
 
+def did_you_mean(key, known) -> str:
+    """`` (did you mean 'x'?)`` for the known key closest to ``key`` (difflib), else ``""``."""
+    import difflib
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_keys(known: dict[str, Option], given: dict, prefix: str = "") -> dict:
     """Every keyword of ``known``: the given values checked (each once, by its :class:`Option`),
     the rest their defaults.  The one validator of the package: the config's sections, the
     problems' own ``data.*`` keys and every method's keywords go through it.
 
     Raises OptionError for an unknown keyword or a value its option refuses; the message names
-    the key (with ``prefix``): ``<key> <rule>; got <value>``, or ``<key>: unknown key (known: ...)``.
+    the key (with ``prefix``): ``<key> <rule>; got <value>``, or ``<key>: unknown key (did you mean ...?) (known: ...)``.
     """
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key (known: "
+        raise OptionError(unknown[0], f"{prefix}{unknown[0]}: unknown key"
+                                      f"{did_you_mean(unknown[0], known)} (known: "
                                       f"{', '.join(sorted(known))})")
     return {name: o.validate(given[name], prefix) if name in given else o.default
             for name, o in known.items()}

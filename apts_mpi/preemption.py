@@ -26,16 +26,40 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self._wakeup, self._delivered = None, 0
 
     def install(self):
         """Handle :data:`SIGNALS` from now on (call it before the set-up, so that a signal that
         comes while the data loads is kept, not fatal).  Returns ``self``."""
         for signum in SIGNALS:
             signal.signal(signum, self._record)
+        # the signals also as bytes on a pipe, written as they arrive: the Python handler runs only
+        # once the main thread is back from its MPI call, which a stalled collective never is
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        try:
+            signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            self._wakeup = read
+        except ValueError:  # not the main thread: no pipe
+            os.close(read)
+            os.close(write)
         return self
 
     def _record(self, signum, frame):
         self.signum = self.signum or signum
+
+    def delivered(self) -> int:
+        """How many signals with a Python handler reached this process so far, counted as they
+        arrive, also while the main thread waits in a collective (for the watchdog's thread)."""
+        if self._wakeup is None:
+            return int(self.signum != 0)
+        try:
+            while data := os.read(self._wakeup, 512):
+                self._delivered += len(data)
+        except BlockingIOError:
+            pass
+        return self._delivered
 
     def agreed(self, comm) -> str | None:
         """Collective over ``comm`` (a :class:`~apts_mpi.comm.Comm`): the name of the signal some

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from . import config as configuration
 from ._version import __version__
-from .comm import Comm, select_device
+from .comm import Comm, local_rank, select_device
 from .comm import world as launch_world
 from .data import MinibatchSampler
 from .errors import InputError
@@ -29,6 +30,7 @@ from .optimizers import RECORD_FIELDS, build_optimizer
 from .preemption import Preempted, StopRequest
 from .problems import PROBLEMS
 from .results import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, save_checkpoint, write_metrics
+from .watchdog import Watchdog
 
 log = logging.getLogger("apts_mpi")
 ITERATION_SERIES = ("epoch", *RECORD_FIELDS, "seconds")
@@ -55,7 +57,8 @@ class Experiment:
         self.world = Comm(comm) if comm is not None else launch_world()
         self.comm = self.world.comm  # the communicator the optimisers are built on
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        self.device = select_device(self.comm, cfg["device"])
+        self.local_rank = local_rank(self.comm)  # collective: the GPU's index on a cluster node
+        self.device = select_device(self.comm, cfg["device"], self.local_rank)
         self.problem = PROBLEMS[cfg["data"]["dataset"]](cfg, self.device,
                                                          getattr(torch, cfg["model"]["dtype"]))
         metric, self.target_mode = self.problem.target
@@ -88,15 +91,17 @@ class Experiment:
         return value >= self.target if self.target_mode == "max" else value <= self.target
 
 
-def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, **extra):
-    """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0)."""
+def _save_checkpoint(path, meta, comm, ex, epoch, seconds, iterations, epochs, watchdog=None, **extra):
+    """Collective (the optimiser's state is gathered): the run's state into ``path`` (rank 0), never
+    cut short by the ``watchdog``."""
     opt_state = ex.optimizer.checkpoint_state(comm)
     model_state = ex.optimizer.model_state(ex.model, comm)  # gathered where ranks hold blocks
     if ex.world.rank == 0:
         payload = {"model": model_state, "sampler": ex.sampler.state_dict(),
                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch, "seconds": seconds,
                    "iterations": iterations, "epochs": epochs, "optimizer": opt_state, **extra}
-        save_checkpoint(path, payload, meta)
+        with watchdog.writing() if watchdog is not None else _nothing():
+            save_checkpoint(path, payload, meta)
 
 
 def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Experiment | None = None,
@@ -113,6 +118,21 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
     ex = experiment or Experiment(cfg, comm)
     if ex.optimizer is None:
         ex.build()
+    # a collective that never returns (a lost node or link) ends the run for a requeue
+    watchdog = Watchdog(cfg.get("watchdog_s") if ex.world.size > 1 else 0, ex.world.rank,
+                        signals=stop.delivered if stop is not None else (lambda: 0)).start()
+    try:
+        return _train(cfg, out_dir, ex, resume, stop, watchdog)
+    finally:
+        watchdog.stop()
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _train(cfg, out_dir, ex, resume, stop, watchdog):
     comm, world = ex.comm, ex.world
     rank, out_dir = world.rank, Path(out_dir)
     problem, model, optimizer, sampler = ex.problem, ex.model, ex.optimizer, ex.sampler
@@ -141,6 +161,9 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
              "world_size": world.size, "device": str(ex.device), "apts_mpi": __version__,
              "torch": torch.__version__, "python": platform.python_version(),
              "subdomains": optimizer.n_subdomains, "n_train": problem.n_train,
+             # each rank's host and node-local rank (SLURM_LOCALID under srun: its GPU's index)
+             "hosts": world.allgather_object(platform.node()),
+             "local_ranks": world.allgather_object(ex.local_rank),
              # parameter scalars each rank holds (model-parallel APTS: its block only)
              "params_held": world.allgather_object(int(optimizer.params_held if optimizer.params_held is not None
                                                else sum(p.numel() for p in model.parameters())))}
@@ -161,6 +184,8 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
         # epoch when the stop came after the last one)
         first = sampler.position if sampler.epoch == epoch else len(batches)
         for position in range(first, len(batches)):
+            watchdog.beat(len(iterations["loss"]) + 1, f"epoch {epoch + 1}, minibatch {position + 1} "
+                          f"of {len(batches)}")
             batch = problem.batch(batches[position])
             t0 = time.perf_counter()
             optimizer.step(batch)
@@ -187,12 +212,13 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
             if signal_name:
                 sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, "position": position + 1})
                 _save_checkpoint(checkpoint, meta, comm, ex, epoch, elapsed + time.perf_counter() - t_epoch,
-                                 iterations, epochs, totals=dict(totals), stall=stall)
+                                 iterations, epochs, watchdog, totals=dict(totals), stall=stall)
                 raise Preempted(f"{signal_name} received: checkpoint written in epoch {epoch + 1} after "
                                 f"minibatch {position + 1} of {len(batches)}; continue with --resume")
         else:
             sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch + 1, "position": 0})
         elapsed += time.perf_counter() - t_epoch
+        watchdog.beat(len(iterations["loss"]), f"the evaluation and checkpoint of epoch {epoch + 1}")
         optimizer.eval_mode()
         metrics = problem.evaluate(*optimizer.evaluation(model, world))
         optimizer.train_mode()
@@ -217,9 +243,10 @@ def train(cfg: dict, out_dir, comm=None, resume: bool = False, experiment: Exper
                                                f"{metrics[ex.target_metric]:.4f} "
                                                f"{'>=' if ex.target_mode == 'max' else '<='} {ex.target}")
             if save or stopped:  # a stopped run keeps its last complete checkpoint
-                write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
+                with watchdog.writing():
+                    write_metrics(out_dir / METRICS_FILE, iterations, epochs, attrs)
         if save:  # the same on every rank: the gather is collective
-            _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs)
+            _save_checkpoint(checkpoint, meta, comm, ex, epoch + 1, elapsed, iterations, epochs, watchdog)
         if rank == 0:
             log.info("epoch %3d  loss %.4f  %s  radius %.2e  acc/rej %d/%d  %.1f s", epoch + 1,
                      metrics["loss"], _headline(ex.target_metric, metrics), optimizer.radius,

@@ -21,6 +21,15 @@ LAUNCH = "python -m mpi4py -m apts_mpi train"
 by_name = pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
 
 
+COMMON = ROOT / "jobs" / "common.sh"
+
+
+def job_text(script):
+    """The script with jobs/common.sh, which it sources, after it: what runs on the node."""
+    text = script.read_text()
+    return text + "\n" + COMMON.read_text() if ". \"$APTS_ROOT/jobs/common.sh\"" in text else text
+
+
 def logical_lines(text):
     """Non-comment command lines, with backslash continuations joined."""
     lines, current = [], ""
@@ -72,33 +81,33 @@ def test_named_configs_exist_and_load(script):
 
 @by_name
 def test_launches_with_srun_and_mpi4py(script):
-    launches = [line for line in logical_lines(script.read_text())
+    launches = [line for line in logical_lines(job_text(script))
                 if re.match(r"(exec\s+)?srun\b", line) and LAUNCH in line]
     assert launches, f"no command line 'srun ... {LAUNCH} ...'"
 
 
 @by_name
 def test_site_settings_and_conventions(script):
-    text = script.read_text()
+    own, text = script.read_text(), job_text(script)
     for var in ("APTS_ROOT", "MODULES", "VENV", "APTS_DATA", "OUT_ROOT"):
-        assert re.search(rf'^{var}="\$\{{{var}:-', text, re.M), f"{var} is not set as ${{{var}:-default}}"
-    assert re.search(r"^set -euo pipefail$", text, re.M)
+        assert re.search(rf'^{var}="\$\{{{var}:-', own, re.M), f"{var} is not set as ${{{var}:-default}}"
+    assert re.search(r"^set -euo pipefail$", own, re.M)
     assert re.search(r"^export OMP_NUM_THREADS=\$\{SLURM_CPUS_PER_TASK:-1\}$", text, re.M)
     assert re.search(r"^#SBATCH --requeue$", text, re.M)
-    assert re.search(r"^#.*srun --mpi=pmix ", text, re.M), "no commented srun --mpi=pmix line"
-    assert re.search(r'^#.*mpirun -n "?\$SLURM_NTASKS"? ' + re.escape(LAUNCH), text, re.M), \
+    assert re.search(r"^\s*#.*srun --mpi=pmix ", text, re.M), "no commented srun --mpi=pmix line"
+    assert re.search(r'^\s*#.*mpirun -n "?\$SLURM_NTASKS"? ' + re.escape(LAUNCH), text, re.M), \
         "no commented mpirun equivalent"
-    assert re.search(r"^#\s+sbatch .*jobs/" + re.escape(script.name), text, re.M), \
+    assert re.search(r"^#\s+sbatch .*jobs/" + re.escape(script.name), own, re.M), \
         "the header does not show how to submit it"
 
 
-@by_name
+@pytest.mark.parametrize("script", [*JOBS, COMMON], ids=[p.name for p in [*JOBS, COMMON]])
 def test_shellcheck(script):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed: static analysis of the job scripts not run")
-    result = subprocess.run([shellcheck, "--shell=bash", str(script)],
-                            capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", str(script)],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -295,3 +304,59 @@ def test_an_array_task_names_itself_as_its_log_file_does(site):
                           SLURM_ARRAY_JOB_ID="1230")  # SLURM_JOB_ID=1234: this task's own ID
     assert result.returncode == 0, result.stderr
     assert "mnist-baselines: job 1230_2 " in result.stdout, result.stdout
+
+
+# ---- shared lines, seeds of an array, SIGUSR1 before the time limit ---------------------------
+
+def test_the_scripts_share_their_lines_through_common_sh():
+    """The launch, the run-folder rule, module loading and the requeue live once, in common.sh."""
+    shared = ("srun_args", "scontrol requeue", "module load", "no-checkpoint", "SLURM_RESTART_COUNT")
+    for script in JOBS:
+        text = script.read_text()
+        assert '. "$APTS_ROOT/jobs/common.sh"' in text, f"{script.name} does not source common.sh"
+        assert not [w for w in shared if w in text], f"{script.name} repeats lines of common.sh"
+    commands = [set(logical_lines(s.read_text())) for s in JOBS]
+    common_to_all = set.intersection(*commands)
+    assert len(common_to_all) <= 20, sorted(common_to_all)  # the settings block, not the logic
+
+
+@pytest.mark.parametrize("name, folder", [
+    ("mnist-apts", "mnist-apts-n2"), ("cifar10-resnet18", "cifar10-resnet18-apts-n2"),
+    ("shakespeare-gpt", "shakespeare-gpt-apts-n2")])
+def test_an_array_task_without_seed_takes_its_index_as_the_seed(site, name, folder):
+    tmp, _ = site
+    for index in (0, 1):
+        result, argv, _ = submit(site, f"{name}.sbatch", SLURM_NTASKS="2", SLURM_ARRAY_JOB_ID="1230",
+                                 SLURM_ARRAY_TASK_ID=str(index))
+        assert result.returncode == 0, result.stderr
+        config, out, sets, _ = train_args(argv)
+        assert out == str(tmp / "runs" / f"{folder}-seed{index}")  # a run folder per seed
+        assert configuration.load(ROOT / config, sets)["seed"] == index
+        assert f"seed {index} -> {out}" in result.stdout
+    # SEED given: it wins over the index
+    result, argv, _ = submit(site, f"{name}.sbatch", SLURM_NTASKS="2", SLURM_ARRAY_TASK_ID="1",
+                             SEED="7")
+    assert train_args(argv)[1].endswith("-seed7")
+
+
+def test_the_baselines_array_index_stays_the_method_not_the_seed(site):
+    result, argv, _ = submit(site, "mnist-baselines.sbatch", SLURM_NTASKS="2", SLURM_ARRAY_TASK_ID="3")
+    assert result.returncode == 0, result.stderr
+    assert train_args(argv)[1].endswith("mnist-tr-n2-seed0")
+
+
+@pytest.mark.parametrize("name", ["cifar10-resnet18", "shakespeare-gpt"])
+def test_gpu_jobs_ask_for_sigusr1_five_minutes_before_the_time_limit(name):
+    """A GPU iteration can outlast SLURM's KillWait after SIGTERM: SIGUSR1 at 300 s lets the ranks
+    finish it and write the checkpoint in time (the job requeues itself on exit 75)."""
+    lines = (ROOT / "jobs" / f"{name}.sbatch").read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines)
+                         if line.strip() and not line.lstrip().startswith("#"))
+    assert "#SBATCH --signal=USR1@300" in lines[:first_command]
+
+
+def test_a_checkout_without_common_sh_is_one_line(site, tmp_path):
+    result, argv, _ = submit(site, "mnist-apts.sbatch", SLURM_NTASKS="2", APTS_ROOT=str(tmp_path))
+    assert result.returncode == 2 and argv is None
+    assert result.stderr.strip() == (f"mnist-apts: error: no jobs/common.sh under {tmp_path} "
+                                     "(submit from the checkout, or set APTS_ROOT)")

@@ -201,3 +201,24 @@ def test_requeued_job_resumes_to_the_uninterrupted_result(reference, tmp_path, h
     if how == "running":
         assert "apts-mpi: stopped: SIGTERM received" in log, log
     assert_same_trajectory(ref_tmp / "runs" / "mnist-apts-n2-seed0", run_dir)
+
+
+def test_an_array_of_two_seeds_runs_one_folder_per_seed(tmp_path):
+    """``sbatch --array=0-1`` of jobs/mnist-apts.sbatch without SEED: task i trains seed i into its
+    own run folder (before, both tasks trained seed 0 into one folder)."""
+    array, rc = sbatch(tmp_path, "mnist-apts.sbatch", *DIGITS, "--set", "epochs=3", wait=True,
+                       options=["--ntasks=2", "--array=0-1"])
+    logs = {p.name: p.read_text() for p in tmp_path.glob("mnist-apts-*.out")}
+    assert rc == 0 and len(logs) == 2, logs
+    first_losses = []
+    for seed in (0, 1):
+        run_dir = tmp_path / "runs" / f"mnist-apts-n2-seed{seed}"
+        (log,) = [text for text in logs.values() if f"seed {seed} -> {run_dir}," in text]
+        assert f"mnist-apts: job {array}_{seed} " in log, log
+        iterations, epochs, attrs = read_metrics(run_dir / "metrics.h5")
+        assert attrs["seed"] == seed and attrs["config"]["seed"] == seed and attrs["world_size"] == 2
+        assert epochs["epoch"].tolist() == [1, 2, 3]
+        first_losses.append(iterations["loss"][0])
+    assert first_losses[0] != first_losses[1]  # two initialisations, not one run twice
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mnist-apts-n2-seed0",
+                                                                     "mnist-apts-n2-seed1"]

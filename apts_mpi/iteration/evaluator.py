@@ -107,9 +107,11 @@ class Evaluator:
         """f (and its gradient on ``subdomain`` into ``grad_out``) of a minibatch of ``B`` samples,
         of which this rank evaluates ``pieces``, summed over ``comm``'s ranks.  ``net`` replaces the
         model (the part after a cached prefix); ``grad_out=None``: the loss only."""
-        if grad_out is None:  # one rank: left on the device (correctly rounded as the host's double / B)
+        if grad_out is None:  # left on the device (correctly rounded as the host's double / B)
             loss = self._sums(pieces, None, None, net, autocast)
-            return loss / B if comm.size == 1 else comm.sum_scalars([float(loss)])[0] / B
+            # the ranks' sums added in the parameters' dtype, as the gradient's (and the serial
+            # emulation's, one share after another)
+            return (loss if comm.size == 1 else comm.allreduce_(loss.reshape(1))[0]) / B
         m = subdomain.numel
         buf = self._sums(pieces, subdomain, self.reduce_buffer[:m + 1], net, autocast)
         comm.allreduce_(buf)

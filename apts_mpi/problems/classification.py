@@ -3,7 +3,8 @@
 Minibatches are ``(x, y)``; the objective is the mean cross-entropy; after every epoch the loss
 and accuracy on the whole training set (``loss``, ``train_accuracy``) and on the test set
 (``test_loss``, ``test_accuracy``), evaluated in chunks of ``data.test_batch_size`` samples, each
-rank taking a share and one Allreduce summing them.
+rank taking a share of the chunks; the chunks' sums are gathered and added in chunk order, so that
+the metrics are bitwise the same on any number of ranks.
 """
 from __future__ import annotations
 
@@ -52,17 +53,25 @@ class Classification(Problem):
 
 @torch.no_grad()
 def evaluate(model, x, y, comm: Comm, batch_size: int):
-    """(mean loss, accuracy) over (x, y), each rank taking a share, summed by one Allreduce."""
+    """(mean loss, accuracy) over (x, y) in chunks of ``batch_size`` samples, each rank taking a
+    contiguous share of the chunks; the chunks' (loss, correct) sums are gathered and added in chunk
+    order, as one process adds them: the same bits on any number of ranks (a rank with no chunk
+    idles)."""
     n = len(y)
-    share = slice(n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size)
+    starts = range(0, n, batch_size)
+    mine = starts[len(starts) * comm.rank // comm.size:len(starts) * (comm.rank + 1) // comm.size]
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for start in range(share.start, share.stop, batch_size):
-        stop = min(start + batch_size, share.stop)
-        out = model(x[start:stop])
-        totals[0] += float(torch.nn.functional.cross_entropy(out, y[start:stop], reduction="sum"))
-        totals[1] += float((out.argmax(1) == y[start:stop]).sum())
+    sums = []
+    for start in mine:
+        out = model(x[start:start + batch_size])
+        sums.append((float(torch.nn.functional.cross_entropy(out, y[start:start + batch_size],
+                                                             reduction="sum")),
+                     float((out.argmax(1) == y[start:start + batch_size]).sum())))
     model.train(was_training)
-    loss, correct = comm.sum_scalars(totals.tolist())
+    if comm.size > 1:
+        sums = [chunk for share in comm.allgather_object(sums) for chunk in share]
+    loss = correct = 0.0
+    for chunk_loss, chunk_correct in sums:
+        loss, correct = loss + chunk_loss, correct + chunk_correct
     return loss / n, correct / n

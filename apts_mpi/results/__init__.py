@@ -10,12 +10,16 @@ serial, so this package has no MPI in it):
 
 Module :mod:`.files` holds what both share: atomic replacement and the attribute convention.
 Module :mod:`.report` reads run folders: :func:`summarize_runs`, :func:`report_table`,
-:func:`format_table` (the package's table formatter) and :func:`plot_runs`.
+:func:`format_table` (the package's table formatter); :mod:`.figure` draws the curves
+(:func:`plot_runs`) and the trust-region diagnostics (:func:`plot_diagnostics`); :mod:`.runs` finds
+the run folders among the paths given (:func:`find_runs`).
 """
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .files import ResultsError
 from .metrics import METRICS_FILE, read_metrics, write_metrics
-from .report import format_table, plot_runs, report_table, summarize_runs
+from .figure import plot_diagnostics, plot_runs
+from .report import format_table, report_records, report_table, summarize_runs
+from .runs import find_runs
 
 __all__ = [
     "ResultsError",
@@ -28,5 +32,8 @@ __all__ = [
     "summarize_runs",
     "report_table",
     "format_table",
+    "report_records",
     "plot_runs",
+    "plot_diagnostics",
+    "find_runs",
 ]

@@ -1,10 +1,9 @@
-"""The report over run folders: summary rows, a table formatter, the figure.
+"""The report over run folders: summary rows and a table formatter.
 
 A run folder holds ``metrics.h5`` (:mod:`apts_mpi.results.metrics`, whose docstring lists the
 series read here).  :func:`summarize_runs` groups runs that differ only in seed and gives the
 numbers; :func:`report_table` prints them with the package's one table formatter
-(:func:`apts_mpi.tables.format_table`, re-exported here); :func:`plot_runs` draws the curves of
-every run.
+(:func:`apts_mpi.tables.format_table`, re-exported here); :mod:`.figure` draws the runs.
 """
 from __future__ import annotations
 
@@ -20,10 +19,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..tables import format_table
-from .files import atomic_write
 from .metrics import METRICS_FILE, read_metrics
 
-__all__ = ["summarize_runs", "report_table", "format_table", "plot_runs"]
+__all__ = ["summarize_runs", "report_table", "report_records", "format_table"]
 
 
 class _Measure(NamedTuple):
@@ -145,6 +143,7 @@ def summarize_runs(run_dirs: list) -> list:
         n_sub = f" N={g['subdomains']}" if g["subdomains"] is not None else ""
         row = {"label": f"{method}{n_sub} {_short_name(g['names'])}", "key": g["key"],
                "runs": g["runs"], "seeds": g["seeds"], "n": len(g["runs"]),
+               "method": g["method"], "subdomains": g["subdomains"],
                "values": {}, "mean": {}, "std": {}}
         for name in _SUMMARY_KEYS:
             vals = np.array([r[name] for r in g["per_run"] if r[name] is not None], dtype=float)
@@ -178,8 +177,11 @@ def _quality_shown(rows: list) -> list:
     return shown or [_QUALITY[0]]
 
 
-def report_table(run_dirs: list) -> str:
-    """A plain-text table, one row per group of runs differing only in seed (see summarize_runs).
+def report_table(run_dirs: list, style: str = "plain") -> str:
+    """A table, one row per group of runs differing only in seed (see summarize_runs).
+
+    ``style``: ``plain`` (aligned text), ``markdown`` (see :func:`format_table`) or ``csv`` (RFC
+    4180, the same cells).
 
     Columns: run (method, N, short folder name), seeds, epochs, then the final and best value of
     each quality measure some run has (test accuracy %, validation loss, L2 error; test accuracy
@@ -212,85 +214,25 @@ def report_table(run_dirs: list) -> str:
         table.append(cells + [_fmt(row, "final_loss", ".4g"), _fmt(row, "seconds", ".1f"),
                               pair("loss_evals", "grad_evals"), pair("accepted", "rejected"),
                               _fmt(row, "nonfinite", ".0f")])
-    return format_table(header, table)
+    if style == "csv":
+        import csv
+        import io
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([header, *table])
+        return text.getvalue()
+    return format_table(header, table, style)
 
 
-def plot_runs(run_dirs: list, out):
-    """Plot every run (not grouped) into a figure written atomically to ``out``; returns the figure.
+def report_records(run_dirs: list) -> list:
+    """The numbers of :func:`summarize_runs` as JSON-ready records (``report --format json``):
+    ``label``, ``runs``, ``seeds``, ``n``, and per summary key ``mean``, ``std`` and ``values``
+    (a NaN as ``null``)."""
+    def plain(x):
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
-    Columns: the problem's main metric (the first of test accuracy %, validation loss, L2 error
-    that some run has; log y for the losses) and the training loss (log y).  Rows: against epoch,
-    against wall time s and, when some run has ``grad_evals``, against cumulative gradient
-    evaluations.  One line per run labelled method, N, seed and folder, one legend for the
-    figure.  The format follows ``out``'s extension (png, pdf, or any other matplotlib writes);
-    uses the Agg canvas without touching pyplot's global backend.  Raises ``ValueError`` for no
-    runs or an unknown extension, ``ResultsError`` for an unreadable metrics file.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    return [{"label": r["label"], "runs": r["runs"], "seeds": r["seeds"], "n": r["n"],
+             "mean": {k: plain(v) for k, v in r["mean"].items()},
+             "std": {k: plain(v) for k, v in r["std"].items()},
+             "values": {k: [plain(float(x)) for x in v] for k, v in r["values"].items()}}
+            for r in summarize_runs(run_dirs)]
 
-    if not run_dirs:
-        raise ValueError("plot_runs: no runs to plot")
-    out = os.fspath(out)
-    fmt = os.path.splitext(out)[1].lstrip(".").lower()
-    fig = Figure(figsize=(13, 8), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    if fmt not in canvas.get_supported_filetypes():
-        raise ValueError(f"{out}: unsupported figure format {fmt!r}; "
-                         f"use one of {sorted(canvas.get_supported_filetypes())}")
-    runs = []
-    for run_dir in run_dirs:
-        _, ep, attrs = read_metrics(_metrics_path(run_dir))
-        runs.append((run_dir, ep, attrs))
-    main = next((q for q in _QUALITY
-                 if any(_quality_series(ep, q.series) is not None for _, ep, _ in runs)),
-                _QUALITY[0])
-    x_axes = [("epoch", "epoch"), ("seconds", "wall time s")]
-    if any("grad_evals" in ep and len(ep["grad_evals"]) for _, ep, _ in runs):
-        x_axes.append(("grad_evals", "gradient evaluations"))
-    axes = fig.subplots(len(x_axes), 2, squeeze=False)
-    handles = {}
-    for i, (run_dir, ep, attrs) in enumerate(runs):
-        parts = [str(attrs.get("method", "?"))]
-        if attrs.get("subdomains") is not None:
-            parts.append(f"N={attrs['subdomains']}")
-        if attrs.get("seed") is not None:
-            parts.append(f"seed={attrs['seed']}")
-        parts.append(_run_name(run_dir))
-        label = " ".join(parts)
-        style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
-                 "marker": ".", "markersize": 4, "label": label}
-        n = max((len(v) for v in ep.values()), default=0)
-        xs = {"epoch": ep.get("epoch", np.arange(n)), "seconds": ep.get("seconds"),
-              "grad_evals": ep.get("grad_evals")}
-        ys = (_quality_series(ep, main.series), ep.get("loss"))
-        for (x_name, _), ax_row in zip(x_axes, axes):
-            x = xs[x_name]
-            for ax, y in zip(ax_row, ys):
-                if x is not None and y is not None and len(y):
-                    (h,) = ax.plot(x, y, **style)
-                    handles.setdefault(label, h)
-    for (x_name, xlabel), (ax_main, ax_loss) in zip(x_axes, axes):
-        for ax, ylabel, log in ((ax_main, main.axis, not main.higher), (ax_loss, "loss", True)):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
-            if x_name == "epoch":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if log and any(np.any(np.asarray(line.get_ydata(), dtype=float) > 0)
-                           for line in ax.lines):
-                ax.set_yscale("log")
-    fig.subplots_adjust(left=0.06, right=0.74, bottom=0.07, top=0.97, wspace=0.25,
-                        hspace=0.25 if len(x_axes) == 2 else 0.45)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="center left",
-                   bbox_to_anchor=(0.755, 0.5), fontsize="small", frameon=False)
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-            fh.flush()
-
-    atomic_write(out, write)
-    return fig
