@@ -249,7 +249,8 @@ class TrustRegionCore:
                                           step_norm=self.step_norm)
 
     def run(self, evaluate, iters: int, loss: float | None = None, box: float | None = None,
-            decide=None, gtol: float = 0.0, agree=None, loss_only: bool = False) -> float:
+            decide=None, gtol: float = 0.0, agree=None, loss_only: bool = False,
+            cap: bool = False) -> float:
         """At most ``iters`` iterations from the current parameters; returns the final loss.
 
         ``loss`` given means ``self.grad`` already holds the gradient at the current point (no
@@ -259,6 +260,8 @@ class TrustRegionCore:
         when ||g||_inf <= ``gtol``, when no step can decrease the model (only with ``box``: the box
         is full), or when a step is rejected with the radius already at ``min_radius`` (the same
         step would be tried again).  ``agree``, ``decide`` and ``loss_only``: class docstring.
+        ``cap`` (with ``box``): the radius never exceeds the box, so a radius grown past it cannot
+        shrink back to the box and propose the rejected step again.
         Loss differences are formed in float64 (Python floats).
         """
         if loss is None:
@@ -293,6 +296,8 @@ class TrustRegionCore:
             boundary = step_norm is None or step_norm >= BOUNDARY_FRACTION * radius
             self.step_norm, self.loss = (None if boundary else step_norm), loss
             accept, rho, self.radius = decide(loss - trial, pred, finite)
+            if cap and box is not None:
+                self.radius = min(self.radius, box)
             if self.qn is not None and finite:
                 stored = self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
                 self.counters.skipped_pairs += not stored
@@ -312,7 +317,7 @@ class TrustRegionCore:
         return loss
 
     def run_on_device(self, evaluate, iters: int, loss, box: float | None = None,
-                      read=()) -> list[float]:
+                      read=(), cap: bool = False) -> list[float]:
         """:meth:`run` with the first-order model and every decision taken on the device: no host
         synchronisation until one transfer at the end (GPU: the kernels of all ``iters`` iterations
         are queued without waiting).
@@ -372,6 +377,8 @@ class TrustRegionCore:
             good = rho >= cfg.eta1
             accept = going & finite & good
             updated = update_radius(radius, rho, **cfg.radius_rule())
+            if cap and box is not None:
+                updated = updated.clamp(max=box)
             at_floor = radius <= cfg.min_radius
             radius = torch.where(going, updated, radius)
             tally += torch.stack([accept, going & ~accept, going & ~finite])
