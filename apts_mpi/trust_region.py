@@ -103,8 +103,20 @@ class TrustRegionConfig:
     ``OptionError`` (a ValueError) with one message per rule."""
 
     def __init__(self, **keywords):
-        for name, value in options.resolve("trust-region", keywords).items():
-            setattr(self, name, value)
+        vars(self).update(options.resolve("trust-region", keywords))
+
+    @classmethod
+    def checked(cls, **values) -> "TrustRegionConfig":
+        """The constants from values that a wider table's :func:`options.resolve` has already
+        checked (APTS's or TrustRegion's keywords, whose rules include the engine's): each value
+        is checked once, there."""
+        missing = set(options.options("trust-region")) ^ set(values)
+        if missing:
+            raise TypeError(f"TrustRegionConfig.checked needs exactly the trust-region keywords; "
+                            f"mismatch: {', '.join(sorted(missing))}")
+        config = cls.__new__(cls)
+        vars(config).update(values)
+        return config
 
     def radius_rule(self):
         return dict(eta1=self.eta1, eta2=self.eta2, decrease=self.decrease, increase=self.increase,
@@ -115,8 +127,8 @@ def engine_configs(keywords: dict):
     """(the global pass's, the local phases' engine constants) from APTS's keywords: the
     trust-region keywords with ``global_model`` and ``local_model`` as their models."""
     base = {k: keywords[k] for k in options.options("trust-region") if k != "model"}
-    return (TrustRegionConfig(model=keywords["global_model"], **base),
-            TrustRegionConfig(model=keywords["local_model"], **base))
+    return (TrustRegionConfig.checked(model=keywords["global_model"], **base),
+            TrustRegionConfig.checked(model=keywords["local_model"], **base))
 
 
 @dataclass
@@ -446,7 +458,7 @@ class TrustRegion(torch.optim.Optimizer):
     def __init__(self, params, agree=None, **keywords):
         values = options.resolve("tr", keywords)
         max_iters, tolerance_grad = values.pop("max_iters"), values.pop("tolerance_grad")
-        config = TrustRegionConfig(**values)
+        config = TrustRegionConfig.checked(**values)
         super().__init__(params, dict(vars(config), max_iters=max_iters, tolerance_grad=tolerance_grad))
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion supports a single parameter group")
