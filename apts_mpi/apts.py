@@ -171,7 +171,8 @@ def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleN
         owned=owned, start_out=gradient_k if exact else foc.term if foc else None)
     local_phase = LocalPhase(o["local_iters"], o["local_fraction"], foc=foc,
                              agree=group.bcast if replicas > 1 else None,  # the group's rank 0 decides
-                             on_device=o["local_decisions"] == "device")
+                             on_device=o["local_decisions"] == "device",
+                             cap=o["radius_control"] == "combined")
     local = {d: TrustRegionCore(parts[d], local_config) for d in owned}
     if local_phase.on_device and not all(core.solver.device for core in local.values()):
         raise InputError(f"local_decisions='device' needs a step formed on the device; "
@@ -182,8 +183,10 @@ def build_parts(model, objective, comm: Comm, o: dict, seed, example) -> SimpleN
         local=local, global_core=glob, group=group, n_subdomains=n_subdomains,
         n_shares=evaluator.n_shares, replicas=replicas, subdomain_id=subdomain_id,
         gradient_k=gradient_k, evaluator=evaluator, local_phase=local_phase,
-        combiner=AverageCombiner(comm, gradient_k) if data_space else _sum_combiner(comm, offsets, replicas),
-        coordinator=Coordinator(comm, config, o["acceptance"], o["window"], whole.dtype))
+        combiner=AverageCombiner(comm, gradient_k, local_pred=o["data_pred"] == "local") if data_space
+        else _sum_combiner(comm, offsets, replicas),
+        coordinator=Coordinator(comm, config, o["acceptance"], o["window"], whole.dtype,
+                                budget=o["local_fraction"] if o["radius_control"] == "combined" else None))
 
 
 class APTS(Optimizer):
@@ -222,6 +225,7 @@ class APTS(Optimizer):
         build = model_parallel.build_parts if o["model_parallel"] else build_parts  # block d on rank d
         vars(self).update(vars(build(model, self.objective, self.comm, o, seed, example)))
         self.local_iters, self.global_iters = o["local_iters"], o["global_iters"]
+        self.radius_control, self.damping = o["radius_control"], o["damping"]
         self.params_held = self.evaluator.params_held
         kw = dict(dtype=self.whole.dtype, device=self.whole.device)
         n = self.whole.numel
@@ -231,6 +235,7 @@ class APTS(Optimizer):
         self.grad0 = torch.zeros(n, **kw)        # R_d grad f(theta_k), assembled on demand
         self.report = IterationReport()
         self.iteration = 0
+        self.damped_tried = self.damped_accepted = 0  # damped combinations tried, accepted
 
     # the coordinator's radius and window; the evaluator's savings (the benchmark's ablation)
     radius = property(lambda self: self.coordinator.radius,
@@ -270,7 +275,7 @@ class APTS(Optimizer):
             loss0 = trial = loss = rho = math.nan
             accept = False
         else:
-            accept, rho, loss0, trial, pred, loss = self._accept(loss0, pred)
+            accept, rho, loss0, trial, pred, loss = self._accept(loss0, pred, r.step_inf)
         self.evaluator.sync()
         r.seconds_global = clock.lap()
         self._report_outcome(r, global_before, loss0, trial, loss, pred, rho, accept)
@@ -286,9 +291,10 @@ class APTS(Optimizer):
         delta, loss0, broken = 0.0, math.nan, 0
         for d, core in self.local.items():
             t_d = time.perf_counter()
-            delta_d, f0 = self._local_phase(d, core, batch, self.theta)
+            delta_d, f0, weight = self._local_phase(d, core, batch, self.theta)
             r.seconds_local_max = max(r.seconds_local_max, time.perf_counter() - t_d)
-            delta += delta_d
+            # data space, data_pred 'local': pred = sum_d w_d delta_d (the combiner sums them)
+            delta += weight * delta_d if getattr(self.combiner, "local_pred", False) else delta_d
             if d == 0:
                 loss0 = f0  # the coordinator's f(theta_k)
             broken += not math.isfinite(f0)
@@ -297,16 +303,18 @@ class APTS(Optimizer):
         return delta, loss0, broken
 
     def _local_phase(self, d, core, batch, theta):
-        """Subdomain d's local phase from theta_k; returns (delta_d, f_d(0)); its correction is
+        """Subdomain d's local phase from theta_k; returns (delta_d, f_d(0), its weight |B_d| / |B|);
+        its correction is
         collected into s and the parameters are back at theta_k."""
         a, b = self.slices[d]
         with self.evaluator.local(d, core, a, b) as local:
             loss, loss0 = self.local_phase.run(core, local, self.grad0[a:b], a, b, self.radius)
-            self.combiner.collect(self.correction, a, b, core.offset, local.size / self.evaluator.B)
+            weight = local.size / self.evaluator.B
+            self.combiner.collect(self.correction, a, b, core.offset, weight)
             core.subdomain.scatter(theta[a:b])  # every rank applies the same theta_k + s
-        return max(loss0 - loss, 0.0), loss0
+        return max(loss0 - loss, 0.0), loss0, weight
 
-    def _accept(self, loss0, pred):
+    def _accept(self, loss0, pred, step_inf=math.nan):
         """The trial f(theta_k + s), the coordinator's decision applied on every rank (theta_k + s
         kept, or theta_k restored bitwise) and the global pass.  Returns (accept, rho, f(theta_k),
         trial loss, pred, the loss at the new iterate)."""
@@ -315,7 +323,9 @@ class APTS(Optimizer):
         loss0 = loss0 if reference is None else reference
         self.whole.add_(self.correction)
         trial = self.evaluator.trial(self.trial_grad if need_grad else None)
-        accept, rho, loss0, trial, pred = self.coordinator.settle(loss0, trial, pred)
+        accept, rho, loss0, trial, pred = self.coordinator.settle(loss0, trial, pred, step_inf)
+        if not accept and self.damping and math.isfinite(trial):
+            accept, rho, trial, pred = self._damped(loss0, trial, need_grad)
         if accept:
             loss, gradient = trial, self.trial_grad
         else:
@@ -326,11 +336,30 @@ class APTS(Optimizer):
         if need_grad:
             glob = self.global_core
             glob.set_gradient(gradient)
-            glob.set_radius(self.radius)
+            if self.radius_control == "global":  # the papers: the global pass sets Delta
+                glob.set_radius(self.radius)
             loss = glob.run(self.evaluator.global_objective(), self.global_iters, loss=loss,
                             agree=self.comm.bcast, loss_only=True)
-            self.radius = glob.radius
+            if self.radius_control == "global":
+                self.radius = glob.radius
         return accept, rho, loss0, trial, pred, loss
+
+    def _damped(self, loss0, trial, need_grad):
+        """The damped combination (``damping``): s rejected, try theta_k + s/2 (the radius stays
+        as the rejection of s set it).  The slope grad f(theta_k)^T s is accumulated in float64 on
+        every rank from the same bits (the coordinator's is used).  Returns (accept, rho, trial
+        loss, pred) of the half step; after a rejection theta_k is back and ``trial`` the full
+        step's."""
+        gradient = self.gradient_k if self.gradient_k is not None else self.combiner.gradient(self.grad0)
+        slope = float(gradient.double().dot(self.correction.double()))
+        self.correction.mul_(0.5)
+        self.whole.scatter(self.theta)
+        self.whole.add_(self.correction)
+        half = self.evaluator.trial(self.trial_grad if need_grad else None)
+        accept, rho, pred, half = self.coordinator.settle_damped(loss0, trial, slope, half)
+        self.damped_tried += 1
+        self.damped_accepted += accept
+        return accept, rho, (half if accept else trial), pred
 
     def _global_counts(self) -> tuple:
         c = self.global_core.counters

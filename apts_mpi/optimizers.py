@@ -221,7 +221,8 @@ def build_optimizer(cfg: dict, model, objective, comm, example=None) -> Optimize
     """
     keywords = dict(cfg["optimizer"])
     method = keywords.pop("method")
-    keywords = options.resolve(method, keywords)
+    if method not in ("apts", "tr"):  # APTS and TrustRegion check their keywords themselves
+        keywords = options.resolve(method, keywords)
     if method == "apts":
         return APTS(model, objective, comm, seed=cfg["seed"], example=example, **keywords)
     if method == "adam-apts":

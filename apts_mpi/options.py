@@ -106,6 +106,9 @@ TRUST_REGION = (
            help="first-order step, a local solver of apts_mpi.solvers: Cauchy point, sign step "
                 "(inf-norm only) or Adam's direction scaled to the radius"),
     Option("memory", 5, int, **POSITIVE_INT, help="pairs kept by a limited-memory model"),
+    Option("scaling", "none", str, **choice("none", "adam"),
+           help="trust-region norm ||W s||: none (W = 1) or adam (W from the bias-corrected second "
+                "moment of the gradients, kept across iterations; apts_mpi/solvers/scaled.py)"),
 )
 
 # torch.optim.LBFGS's stopping tests within a step call (null: torch's 1e-7 and 1e-9; 0 runs every
@@ -153,6 +156,16 @@ METHODS: dict[str, tuple[Option, ...]] = {
         Option("local_decisions", "host", str, **choice("host", "device"),
                help="local accept/reject and radius on the host, or branch-free on the device (one "
                     "transfer per local phase; first-order local model, replicas 1)"),
+        Option("radius_control", "global", str, **choice("global", "combined"),
+               help="global: the global pass's radius becomes Delta (the papers); combined: the "
+                    "combined step's rho drives Delta (its norm taken relative to the local budget), "
+                    "the global pass keeps a radius of its own, local radii never exceed the budget"),
+        Option("damping", False, bool,
+               help="before rejecting the combined step s, try theta_k + s/2 (the quadratic along s "
+                    "through f(theta_k), grad f(theta_k)^T s and f(theta_k + s) predicts its decrease)"),
+        Option("data_pred", "gradient", str, **choice("gradient", "local"),
+               help="space='data': pred = -grad f(theta_k)^T s (gradient) or the weighted mean of "
+                    "the shards' local decreases, sum_d w_d delta_d (local)"),
     ),
     # APTS as the second stage of the usual PINN schedule: data-parallel Adam steps first, then
     # APTS (every keyword of the apts table) from where Adam ended
@@ -229,6 +242,19 @@ def _apts_rules(v, prefix):
         yield "local_decisions", (f"{prefix}local_decisions='device' needs {prefix}local_model="
                                   f"'first-order' and {prefix}replicas=1 (got {v['local_model']!r}, "
                                   f"{v['replicas']})")
+    if v["scaling"] != "none" and (v["local_decisions"] == "device" or v["model_parallel"]):
+        yield "scaling", (f"{prefix}scaling={v['scaling']!r} forms its steps on the host with the "
+                          f"whole gradient: it needs {prefix}local_decisions='host' and "
+                          f"{prefix}model_parallel=false")
+    if v["model_parallel"] and (v["radius_control"] != "global" or v["damping"]):
+        yield "radius_control", (f"{prefix}radius_control='combined' and {prefix}damping=true are "
+                                 f"not built for {prefix}model_parallel=true")
+    if v["damping"] and v["acceptance"] == "none":
+        yield "damping", (f"{prefix}damping=true shortens a rejected step; {prefix}acceptance='none' "
+                          f"rejects none")
+    if v["data_pred"] != "gradient" and v["space"] != "data":
+        yield "data_pred", (f"{prefix}data_pred={v['data_pred']!r} applies to space='data' "
+                            f"(got space={v['space']!r})")
     if v["space"] == "data" and v["local_batch"] != 1:
         yield "local_batch", (f"{prefix}local_batch applies to space='parameters'; with space='data' "
                               f"each local phase uses its shard (got {v['local_batch']!r})")

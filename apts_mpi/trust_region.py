@@ -103,8 +103,20 @@ class TrustRegionConfig:
     ``OptionError`` (a ValueError) with one message per rule."""
 
     def __init__(self, **keywords):
-        for name, value in options.resolve("trust-region", keywords).items():
-            setattr(self, name, value)
+        vars(self).update(options.resolve("trust-region", keywords))
+
+    @classmethod
+    def checked(cls, **values) -> "TrustRegionConfig":
+        """The constants from values that a wider table's :func:`options.resolve` has already
+        checked (APTS's or TrustRegion's keywords, whose rules include the engine's): each value
+        is checked once, there."""
+        missing = set(options.options("trust-region")) ^ set(values)
+        if missing:
+            raise TypeError(f"TrustRegionConfig.checked needs exactly the trust-region keywords; "
+                            f"mismatch: {', '.join(sorted(missing))}")
+        config = cls.__new__(cls)
+        vars(config).update(values)
+        return config
 
     def radius_rule(self):
         return dict(eta1=self.eta1, eta2=self.eta2, decrease=self.decrease, increase=self.increase,
@@ -115,8 +127,8 @@ def engine_configs(keywords: dict):
     """(the global pass's, the local phases' engine constants) from APTS's keywords: the
     trust-region keywords with ``global_model`` and ``local_model`` as their models."""
     base = {k: keywords[k] for k in options.options("trust-region") if k != "model"}
-    return (TrustRegionConfig(model=keywords["global_model"], **base),
-            TrustRegionConfig(model=keywords["local_model"], **base))
+    return (TrustRegionConfig.checked(model=keywords["global_model"], **base),
+            TrustRegionConfig.checked(model=keywords["local_model"], **base))
 
 
 @dataclass
@@ -249,7 +261,8 @@ class TrustRegionCore:
                                           step_norm=self.step_norm)
 
     def run(self, evaluate, iters: int, loss: float | None = None, box: float | None = None,
-            decide=None, gtol: float = 0.0, agree=None, loss_only: bool = False) -> float:
+            decide=None, gtol: float = 0.0, agree=None, loss_only: bool = False,
+            cap: bool = False) -> float:
         """At most ``iters`` iterations from the current parameters; returns the final loss.
 
         ``loss`` given means ``self.grad`` already holds the gradient at the current point (no
@@ -259,6 +272,8 @@ class TrustRegionCore:
         when ||g||_inf <= ``gtol``, when no step can decrease the model (only with ``box``: the box
         is full), or when a step is rejected with the radius already at ``min_radius`` (the same
         step would be tried again).  ``agree``, ``decide`` and ``loss_only``: class docstring.
+        ``cap`` (with ``box``): the radius never exceeds the box, so a radius grown past it cannot
+        shrink back to the box and propose the rejected step again.
         Loss differences are formed in float64 (Python floats).
         """
         if loss is None:
@@ -293,6 +308,8 @@ class TrustRegionCore:
             boundary = step_norm is None or step_norm >= BOUNDARY_FRACTION * radius
             self.step_norm, self.loss = (None if boundary else step_norm), loss
             accept, rho, self.radius = decide(loss - trial, pred, finite)
+            if cap and box is not None:
+                self.radius = min(self.radius, box)
             if self.qn is not None and finite:
                 stored = self.qn.update(self.step, self.trial_grad.sub(self.grad, alpha=1.0))
                 self.counters.skipped_pairs += not stored
@@ -312,7 +329,7 @@ class TrustRegionCore:
         return loss
 
     def run_on_device(self, evaluate, iters: int, loss, box: float | None = None,
-                      read=()) -> list[float]:
+                      read=(), cap: bool = False) -> list[float]:
         """:meth:`run` with the first-order model and every decision taken on the device: no host
         synchronisation until one transfer at the end (GPU: the kernels of all ``iters`` iterations
         are queued without waiting).
@@ -372,6 +389,8 @@ class TrustRegionCore:
             good = rho >= cfg.eta1
             accept = going & finite & good
             updated = update_radius(radius, rho, **cfg.radius_rule())
+            if cap and box is not None:
+                updated = updated.clamp(max=box)
             at_floor = radius <= cfg.min_radius
             radius = torch.where(going, updated, radius)
             tally += torch.stack([accept, going & ~accept, going & ~finite])
@@ -439,7 +458,7 @@ class TrustRegion(torch.optim.Optimizer):
     def __init__(self, params, agree=None, **keywords):
         values = options.resolve("tr", keywords)
         max_iters, tolerance_grad = values.pop("max_iters"), values.pop("tolerance_grad")
-        config = TrustRegionConfig(**values)
+        config = TrustRegionConfig.checked(**values)
         super().__init__(params, dict(vars(config), max_iters=max_iters, tolerance_grad=tolerance_grad))
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion supports a single parameter group")

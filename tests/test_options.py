@@ -70,3 +70,28 @@ def test_no_keyword_default_is_written_in_a_constructor_signature():
         written = {name for name, p in signature.parameters.items() if p.default is not p.empty}
         keywords = set(options.options("apts")) | set(options.options("tr"))
         assert not written & keywords, f"{cls.__name__} writes the defaults of {sorted(written & keywords)}"
+
+
+@pytest.mark.parametrize("method", ["apts", "tr"])
+def test_a_constructor_checks_each_keyword_once(method, monkeypatch):
+    """APTS and TrustRegion check their keywords once (their engines' constants are not checked
+    again), and build_optimizer leaves the check to them."""
+    import collections
+
+    import torch
+
+    from apts_mpi.optimizers import build_optimizer
+
+    calls = collections.Counter()
+    validate = options.Option.validate
+
+    def counting(self, value, prefix=""):
+        calls[self.name] += 1
+        return validate(self, value, prefix)
+
+    monkeypatch.setattr(options.Option, "validate", counting)
+    given = {"radius": 0.02, "max_radius": 1.0, "eta1": 0.1, "norm": "inf"}
+    model = torch.nn.Linear(3, 2)
+    build_optimizer({"optimizer": {"method": method, **given}, "seed": 0}, model,
+                    torch.nn.functional.mse_loss, None)
+    assert dict(calls) == {name: 1 for name in given}

@@ -6,7 +6,9 @@ sections 3 and 6).
   pred = sum_d delta_d with one scalar Allreduce (one replica of each subdomain reports delta_d).
 * :class:`AverageCombiner` -- the data space (APTS_D): s = sum_d (|B_d| / |B|) u_d, summed on rank 0
   with one Reduce, then broadcast; pred = -grad f(theta_k)^T s, the first-order model's decrease
-  for the averaged step.
+  for the averaged step (accumulated in float64), or with ``data_pred: local`` the weighted mean of
+  the shards' local decreases, sum_d w_d delta_d: equal to -grad f(theta_k)^T s to first order and
+  exact when the shards agree (identical shards give rho = 1).
 * model parallel: :class:`apts_mpi.model_parallel.PipeCombiner`.
 
 Every combiner's :meth:`combine` also sums the ranks' local evaluation counts and the number of
@@ -50,8 +52,9 @@ class SumCombiner:
 class AverageCombiner:
     """s: the shards' corrections averaged with weights |B_d| / |B|; pred = -grad f(theta_k)^T s."""
 
-    def __init__(self, comm: Comm, gradient):
+    def __init__(self, comm: Comm, gradient, local_pred: bool = False):
         self.comm, self.gradient_k = comm, gradient  # grad f(theta_k), the start evaluation's
+        self.local_pred = local_pred  # pred = sum_d w_d delta_d (the caller weighs delta_d)
 
     def begin(self, correction) -> None:
         correction.zero_()
@@ -61,8 +64,10 @@ class AverageCombiner:
 
     def combine(self, correction, delta, loss_evals, grad_evals, broken):
         self.comm.bcast_(self.comm.reduce_(correction))  # formed on rank 0, its bits everywhere
-        _, loss_evals, grad_evals, broken = self.comm.sum_scalars([delta, loss_evals, grad_evals, broken])
-        pred = -float(self.gradient_k.dot(correction))  # the coordinator's is used
+        weighted, loss_evals, grad_evals, broken = self.comm.sum_scalars(
+            [delta, loss_evals, grad_evals, broken])
+        # the coordinator's is used; float32 products accumulated in float64
+        pred = weighted if self.local_pred else -float(self.gradient_k.double().dot(correction.double()))
         return pred, int(loss_evals), int(grad_evals), broken, _inf_norm(correction)
 
     def gradient(self, grad0):

@@ -54,8 +54,10 @@ class FirstOrderConsistency:
 class LocalPhase:
     """Runs one subdomain's local solve (see the module docstring)."""
 
-    def __init__(self, iters: int, fraction: float, *, on_device=False, agree=None, foc=None):
-        self.iters, self.fraction = iters, fraction
+    def __init__(self, iters: int, fraction: float, *, on_device=False, agree=None, foc=None, cap=False):
+        # cap: the local radius never exceeds the budget (radius_control 'combined'), so a
+        # rejection never re-proposes the step just rejected
+        self.iters, self.fraction, self.cap = iters, fraction, cap
         self.on_device, self.agree, self.foc = on_device, agree, foc
 
     def run(self, core, local, grad0, a, b, radius) -> tuple[float, float]:
@@ -76,6 +78,7 @@ class LocalPhase:
         box = self.fraction * radius
         core.set_radius(box)
         if self.on_device:  # one transfer: the final loss and f_d(0)
-            return tuple(core.run_on_device(f, self.iters, loss0, box=box, read=[loss0]))
+            return tuple(core.run_on_device(f, self.iters, loss0, box=box, read=[loss0], cap=self.cap))
         # the last trial's gradient is never used
-        return core.run(f, self.iters, loss=loss0, box=box, agree=self.agree, loss_only=True), loss0
+        return core.run(f, self.iters, loss=loss0, box=box, agree=self.agree, loss_only=True,
+                        cap=self.cap), loss0

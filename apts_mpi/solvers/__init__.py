@@ -47,8 +47,12 @@ def solver_class(name: str):
 def make_solver(config, numel: int, dtype, device):
     """The solver of an engine with ``config`` (a TrustRegionConfig): its ``model``'s when that is a
     quasi-Newton one (with the ``step``'s solver for its first iterations, before any pair is
-    stored), else its ``step``'s."""
+    stored), else its ``step``'s; with ``scaling: adam`` that solver in the scaled norm
+    (:class:`apts_mpi.solvers.scaled.ScaledSolver`)."""
     step = solver_class(config.step)(config, numel, dtype, device)
-    if config.model not in QUASI_NEWTON:
-        return step
-    return solver_class(config.model)(config, numel, dtype, device, fallback=step)
+    if config.model in QUASI_NEWTON:
+        step = solver_class(config.model)(config, numel, dtype, device, fallback=step)
+    if getattr(config, "scaling", "none") == "adam":  # the scaled trust region (solvers/scaled.py)
+        from .scaled import ScaledSolver
+        step = ScaledSolver(config, numel, dtype, device, step)
+    return step

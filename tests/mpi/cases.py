@@ -99,6 +99,15 @@ def cases(world):
         # local decisions on the device (branch-free, one transfer per local phase)
         out[f"N{n}-device-decisions"] = (n, dict(local_decisions="device", foc=True))
         out[f"N{n}-data-device-decisions"] = (n, dict(space="data", local_decisions="device"))
+        # issue 22: the scaled trust region (with each first-order step and quasi-Newton), the
+        # combined step's radius control, the damped combination, the data space's local pred
+        out[f"N{n}-scaled"] = (n, dict(scaling="adam"))
+        out[f"N{n}-scaled-lbfgs"] = (n, dict(scaling="adam", local_model="lbfgs", global_model="lsr1"))
+        out[f"N{n}-scaled-sign-combined-damped"] = (n, dict(scaling="adam", step="sign",
+                                                          radius_control="combined", damping=True))
+        out[f"N{n}-adam-step-combined"] = (n, dict(step="adam", radius_control="combined", global_iters=2))
+        out[f"N{n}-shard-damped"] = (n, dict(local_batch="shard", foc=True, damping=True))
+        out[f"N{n}-data-local-pred"] = (n, dict(space="data", data_pred="local", damping=True))
     if world == 4:
         for acc in ("ratio", "none"):
             out[f"N2x2-{acc}"] = (2, dict(replicas=2, acceptance=acc))
@@ -106,6 +115,8 @@ def cases(world):
         # unperturbed serial one
         out["N2x2-shard"] = (2, dict(replicas=2, local_batch="shard", foc=True))
         out["N2x2-perturbed"] = (2, dict(replicas=2, perturb=True, global_iters=2))
+        out["N2x2-scaled-damped"] = (2, dict(replicas=2, scaling="adam", damping=True,
+                                             radius_control="combined"))
     return out
 
 
