@@ -278,7 +278,13 @@ def abort_world(status: int = 1) -> None:
 
 def library_version() -> str:
     """The first line of the MPI library's version string (which library mpi4py is bound to)."""
-    return MPI.Get_library_version().splitlines()[0]
+    lines = MPI.Get_library_version().strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def mpi4py_version() -> str:
+    import mpi4py
+    return mpi4py.__version__
 
 
 class BufferSync:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .comm import library_version, mpi4py_version
+
 
 def git_commit(path=None) -> str:
     """The commit of the git checkout holding ``path`` (this package by default), with ``-dirty``
@@ -29,11 +31,8 @@ def provenance() -> dict:
     """``mpi4py``, ``mpi_library`` (MPI.Get_library_version(), first line), ``numpy``,
     ``git_commit``, ``slurm_job_id`` (``""`` outside SLURM; an array task's job id is
     ``ARRAYJOB_TASK``)."""
-    import mpi4py
-    from mpi4py import MPI
     job = os.environ.get("SLURM_JOB_ID", "")
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    library = MPI.Get_library_version().strip().splitlines()
-    return {"mpi4py": mpi4py.__version__, "mpi_library": library[0].strip() if library else "",
+    return {"mpi4py": mpi4py_version(), "mpi_library": library_version(),
             "numpy": np.__version__, "git_commit": git_commit(), "slurm_job_id": job}

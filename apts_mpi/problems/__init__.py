@@ -14,9 +14,8 @@ mypackage.mymodule:factory`` (:func:`import_object`; ``factory(input_shape, outp
 """
 from __future__ import annotations
 
-import importlib
-
 from ..errors import InputError
+from ..plugins import import_object
 from .base import Problem
 from .classification import Classification
 from .language import LanguageProblem
@@ -27,21 +26,6 @@ PROBLEMS: dict[str, type[Problem]] = {name: cls for cls in (Classification, Lang
                                                             PoissonProblem, TensorProblem)
                                       for name in cls.datasets}
 DATASETS = tuple(PROBLEMS)
-
-
-def import_object(path: str, what: str):
-    """The object named by ``package.module:name``; InputError (one line) if it cannot be imported."""
-    module_name, _, name = path.partition(":")
-    if not module_name or not name:
-        raise InputError(f"{what} {path!r}: expected an import path 'package.module:name'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or an error raised by the module itself
-        raise InputError(f"{what} {path!r}: cannot import {module_name}: {type(e).__name__}: {e}") from None
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise InputError(f"{what} {path!r}: module {module_name} has no {name!r}") from None
 
 
 def lookup(dataset: str) -> type[Problem]:

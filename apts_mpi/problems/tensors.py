@@ -24,6 +24,7 @@ from ..comm import Comm
 from ..data import DataError
 from ..objective import SampleLoss
 from ..options import Option
+from ..plugins import build_imported
 from .base import Problem
 from .classification import evaluate as evaluate_classification
 
@@ -129,20 +130,6 @@ class TensorProblem(Problem):
         if self.test_x is not None:
             metrics["test_loss"] = _mean_squared_error(model, self.test_x, self.test_y, comm, chunk)
         return metrics
-
-
-def build_imported(path: str, input_shape: tuple, outputs: int) -> torch.nn.Module:
-    """``factory(input_shape, outputs)`` of the import path ``package.module:factory``."""
-    from . import import_object
-    from ..errors import InputError
-    factory = import_object(path, "model.name")
-    if not callable(factory):
-        raise InputError(f"model.name {path!r}: not callable")
-    model = factory(tuple(input_shape), int(outputs))
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model.name {path!r}: factory(input_shape, outputs) returned "
-                         f"{type(model).__name__}, not a torch.nn.Module")
-    return model
 
 
 @torch.no_grad()
