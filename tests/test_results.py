@@ -650,3 +650,23 @@ def test_plot_runs_main_metric_and_gradient_evaluations(tmp_path):
     assert np.allclose(apts.get_ydata(), 50 * (written[0]["test_accuracy"]
                                                + written[1]["test_accuracy"]), rtol=1e-14, atol=0)
     assert len(fig.axes[4].lines) == 1  # Adam's run has no grad_evals
+
+
+def test_seeds_run_for_different_lengths_form_one_group(tmp_path):
+    """Runs of one config that differ in seed, in how long they ran (epochs, targets, logging)
+    and in where their data lie form one group; a change of the method's keywords does not."""
+    def run(name, seed, epochs, lr=0.1, root="/data/a"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"seed": seed, "epochs": epochs, "log_interval_s": 60.0 * seed, "target": None,
+                  "data": {"dataset": "mnist", "root": root, "batch_size": 100},
+                  "optimizer": {"method": "apts", "radius": lr, "micro_batch": None}}
+        write_metrics(folder / "metrics.h5", {"loss": np.ones(3)},
+                      {"epoch": np.arange(1, epochs + 1), "loss": np.ones(epochs)},
+                      {"method": "apts", "subdomains": 2, "seed": seed, "config": config,
+                       "world_size": 2, "device": "cpu"})
+        return folder
+
+    dirs = [run("a0", 0, 50), run("a1", 1, 25, root="/scratch/b"), run("b0", 0, 50, lr=0.2)]
+    rows = summarize_runs(dirs)
+    assert [(r["n"], r["seeds"]) for r in rows] == [(2, [0, 1]), (1, [0])]

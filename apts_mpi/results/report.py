@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..config import RESUMABLE
 from ..tables import format_table
 from .metrics import METRICS_FILE, read_metrics
 
@@ -61,11 +62,19 @@ def _accuracy_percent(acc: np.ndarray) -> np.ndarray:
 
 
 def _without_seed(value):
-    if isinstance(value, dict):
-        return {k: _without_seed(v) for k, v in value.items() if k != "seed"}
-    if isinstance(value, list):
-        return [_without_seed(v) for v in value]
-    return value
+    """What decides a run's trajectory, less its seed: the config without the keys that only set
+    how long or how a run goes on (``config.RESUMABLE``: epochs, targets, checkpoints, logging),
+    where its data lie, null values (keys added later with a null default) and every ``seed``."""
+    def prune(node):
+        if isinstance(node, dict):
+            return {k: prune(v) for k, v in node.items() if k != "seed" and v is not None}
+        return [prune(v) for v in node] if isinstance(node, list) else node
+    if not isinstance(value, dict):
+        return prune(value)
+    kept = {k: v for k, v in value.items() if k not in RESUMABLE}
+    if isinstance(kept.get("data"), dict):
+        kept["data"] = {k: v for k, v in kept["data"].items() if k not in ("root", "download")}
+    return prune(kept)
 
 
 def _quality_series(epochs: dict, series: str):
@@ -103,7 +112,8 @@ def _short_name(names: list) -> str:
 
 
 def summarize_runs(run_dirs: list) -> list:
-    """Group runs that differ only in seed and summarise each group; the numbers behind the table.
+    """Group runs that differ only in seed (and in how long they ran: see _without_seed) and
+    summarise each group; the numbers behind the table.
 
     The group key is the run's ``method``, ``subdomains``, ``world_size``, ``device`` and
     ``config`` with every key named ``seed`` removed at any depth; a run without ``config`` is a
