@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from .plugins import build_imported
+
 __all__ = ["MODELS", "HEADS", "build_model", "count_parameters", "ResNet18", "BasicBlock"]
 
 MODELS = {
@@ -63,7 +65,11 @@ def build_model(name: str, input_shape, classes: int, head: str = "logits") -> n
     The fully connected networks flatten their input and take ``prod(input_shape)`` features (784
     for MNIST, 3072 for CIFAR-10); the CNNs take ``input_shape[0]`` channels.  Raises ValueError
     for an unknown name or head, a bad ``classes`` or an input too small for the network.
+    A name ``package.module:factory`` is the user's own network, ``factory(input_shape, classes)``
+    (:func:`apts_mpi.plugins.build_imported`; its head is the factory's).
     """
+    if ":" in name:
+        return build_imported(name, input_shape, classes)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if head not in HEADS:

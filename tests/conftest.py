@@ -5,6 +5,8 @@ this folder on the path), and the ``slow`` marker's option.
   vector (the APTS tests);
 * :class:`PartComm`: one rank of an evaluation split over ``size`` ranks, without MPI (the
   problems' metric tests);
+* :func:`core_at`, :func:`solve`: an engine at a given gradient (float64) and its local solver's
+  step for a radius (the solver tests);
 * :data:`MPIEXEC`, :data:`ENV`, :func:`mpirun`: a real mpiexec launch with a timeout, so that a
   rank that fails makes the test fail rather than hang.
 
@@ -12,6 +14,7 @@ Tests marked ``slow`` (setup.cfg) run by default; ``-m "not slow"`` leaves them 
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from apts_mpi.decomposition import Subdomain
+from apts_mpi.trust_region import TrustRegionConfig, TrustRegionCore
 
 TESTS = Path(__file__).parent
 # the venv's mpiexec first (the mpich extra), then the system's
@@ -62,3 +68,16 @@ class PartComm:
     def sum_scalars(self, values):
         self.values = list(values)
         return list(values)
+
+
+def core_at(g, **keywords):
+    x = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
+    core = TrustRegionCore(Subdomain.whole([x]), TrustRegionConfig(**keywords))
+    core.set_gradient(torch.tensor(g, dtype=torch.float64))
+    return core
+
+
+def solve(core, radius):
+    g = core.grad
+    norms = [float(torch.linalg.vector_norm(g, math.inf)), float(g.dot(g)), float(g.abs().sum())]
+    return core.solver.solve(core, radius, *norms)

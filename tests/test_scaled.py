@@ -1,7 +1,6 @@
 """Issue 22: the scaled trust region (scaling: adam), the combined step's radius control
 (radius_control: combined), the damped combination (damping) and the data space's pred from the
 local decreases (data_pred: local), against hand computations in float64 (NumPy)."""
-import math
 
 import numpy as np
 import pytest
@@ -9,23 +8,10 @@ import torch
 
 from apts_mpi import APTS
 from apts_mpi.comm import Comm
-from apts_mpi.decomposition import Subdomain
 from apts_mpi.iteration.coordinator import Coordinator
 from apts_mpi.options import OptionError
-from apts_mpi.trust_region import TrustRegionConfig, TrustRegionCore
-
-
-def core_at(g, **keywords):
-    x = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
-    core = TrustRegionCore(Subdomain.whole([x]), TrustRegionConfig(**keywords))
-    core.set_gradient(torch.tensor(g, dtype=torch.float64))
-    return core
-
-
-def solve(core, radius):
-    g = core.grad
-    norms = [float(torch.linalg.vector_norm(g, math.inf)), float(g.dot(g)), float(g.abs().sum())]
-    return core.solver.solve(core, radius, *norms)
+from apts_mpi.trust_region import TrustRegionConfig
+from conftest import core_at, solve
 
 
 def weights(gradients, b2=0.999, eps=1e-8):

@@ -7,22 +7,9 @@ import pytest
 import torch
 
 from apts_mpi import APTS
-from apts_mpi.decomposition import Subdomain
 from apts_mpi.solvers import SOLVERS, STEPS, make_solver
-from apts_mpi.trust_region import TrustRegion, TrustRegionConfig, TrustRegionCore
-
-
-def core_at(g, **keywords):
-    x = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
-    core = TrustRegionCore(Subdomain.whole([x]), TrustRegionConfig(**keywords))
-    core.set_gradient(torch.tensor(g, dtype=torch.float64))
-    return core
-
-
-def solve(core, radius):
-    g = core.grad
-    norms = [float(torch.linalg.vector_norm(g, math.inf)), float(g.dot(g)), float(g.abs().sum())]
-    return core.solver.solve(core, radius, *norms)
+from apts_mpi.trust_region import TrustRegion, TrustRegionConfig
+from conftest import core_at, solve
 
 
 def adam_reference(gradients, b1=0.9, b2=0.999, eps=1e-8):

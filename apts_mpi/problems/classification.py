@@ -14,7 +14,6 @@ from ..comm import Comm
 from ..data import DATASETS, load_dataset
 from ..models import MODELS, build_model
 from ..objective import SampleLoss
-from ..plugins import build_imported
 from .base import Problem
 
 
@@ -38,8 +37,6 @@ class Classification(Problem):
 
     def build_model(self):
         model = self.cfg["model"]
-        if ":" in model["name"]:  # the user's factory (apts_mpi/problems/__init__.py)
-            return build_imported(model["name"], self.input_shape, self.classes).to(self.device, self.dtype)
         return build_model(model["name"], self.input_shape, self.classes, model["head"]).to(
             self.device, self.dtype)
 
