@@ -215,7 +215,8 @@ class LimitedMemoryMatrix:
             sv, vv = torch.stack([s.double() @ v.double(), v.double() @ v.double()]).tolist()
             if not abs(sv) > _SR1_SKIP * math.sqrt(ss) * math.sqrt(vv):
                 return False
-        gamma = yy / sy                              # 1 / (N&W eq. 7.20), newest pair
+        # 1 / (N&W eq. 7.20), newest pair; s^T y = 0 passes the SR1 test when s^T B s != 0
+        gamma = yy / sy if sy != 0 else math.inf
         if not (math.isfinite(gamma) and gamma > 0):
             if self._kind == "lbfgs":
                 return False

@@ -550,3 +550,15 @@ def test_bad_vector_shape():
         lm.update(torch.ones(4), torch.ones(5))
     with pytest.raises(ValueError, match=r"g must have shape \(5,\)"):
         lm.solve(torch.ones(5, 1), 1.0)
+
+
+def test_sr1_pair_orthogonal_to_its_step_is_stored_with_the_gamma_kept():
+    """s^T y = 0 (y orthogonal to s) passes SR1's test, since s^T (y - B s) = -gamma s^T s: the
+    pair is stored, gamma is kept, and B is the dense SR1 update of gamma I.  (Once raised
+    ZeroDivisionError in y^T y / s^T y: TrustRegion, lsr1, memory 5, 2-norm, on Wood.)"""
+    n = 6
+    lm = LimitedMemoryMatrix("lsr1", 5, n, dtype=F64)
+    s, y = np.eye(n)[0] * 0.5, np.eye(n)[1] * 2.0
+    assert lm.update(torch.tensor(s), torch.tensor(y))
+    assert lm.gamma == 1.0
+    np.testing.assert_allclose(matrix_of(lm, n), dense_sr1([(s, y)], 1.0, n), rtol=0, atol=1e-14)
