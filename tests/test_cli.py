@@ -202,8 +202,14 @@ def folder_state(path):
             else "folder" for p in sorted(path.rglob("*"))}
 
 
+# attributes that say where and under which job a run ran, not what it computed: a requeued or
+# resubmitted job gets a new SLURM job id, and may land on other hosts
+PLACE = ("slurm_job_id", "hosts", "local_ranks")
+
+
 def trajectory(run_dir):
-    """What a run's files say about its trajectory, wall-time series (``seconds*``) left out."""
+    """What a run's files say about its trajectory, wall-time series (``seconds*``) and the
+    attributes of its place (:data:`PLACE`) left out."""
     run_dir = Path(run_dir)
     iterations, epochs, attrs = read_metrics(run_dir / "metrics.h5")
     payload, meta = load_checkpoint(run_dir / "checkpoint.h5")
@@ -217,6 +223,7 @@ def trajectory(run_dir):
     for name, tensor in payload["model"].items():
         arrays[f"parameter {name}"] = tensor.numpy()
     arrays["torch RNG state"] = payload["rng"]["torch"].numpy()
+    attrs = {k: v for k, v in attrs.items() if k not in PLACE}
     other = {"attrs": attrs, "meta": meta, "epoch": payload["epoch"], "sampler": payload["sampler"]}
     return arrays, other
 
