@@ -123,12 +123,23 @@ def test_bad_keywords_raise_one_clear_message(kwargs, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs", [dict(local_model="lsr1", acceptance="nonmonotone"),
-                                    dict(space="data", local_model="lsr1"),
-                                    dict(local_batch=0.4, micro_batch=9, foc=True)],
-                         ids=["lsr1-nonmonotone", "data-space", "stochastic"])
+SCALED = dict(radius=0.1, max_radius=1.0, eta1=0.5, eta2=0.9)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(local_model="lsr1", acceptance="nonmonotone"),
+    dict(space="data", local_model="lsr1"),
+    dict(local_batch=0.4, micro_batch=9, foc=True),
+    dict(SCALED, scaling="adam"),
+    dict(SCALED, scaling="adam", local_model="lbfgs", global_model="lsr1", norm="2"),
+    dict(SCALED, scaling="adam", step="sign", radius_control="combined", damping=True),
+    dict(SCALED, step="adam", radius_control="combined", global_iters=2),
+    dict(SCALED, space="data", data_pred="local", scaling="adam", damping=True),
+], ids=["lsr1-nonmonotone", "data-space", "stochastic", "scaled", "scaled-qn",
+        "scaled-sign-combined-damped", "adam-combined", "data-local"])
 def test_state_dict_round_trip_continues_identically(kwargs):
-    """Bitwise, also where the local phases draw their pieces from (seed, iteration, subdomain)."""
+    """Bitwise, also where the local phases draw their pieces from (seed, iteration, subdomain),
+    the scaling's moments and the global pass's own radius (radius_control: combined)."""
     def make():
         model, x, y = problem()
         return model, x, y, APTS(model, torch.nn.functional.cross_entropy, subdomains=2, seed=4,
@@ -145,6 +156,7 @@ def test_state_dict_round_trip_continues_identically(kwargs):
     for _ in range(3):
         opt2.step(x, y)
     assert torch.equal(flat(model2), flat(model))
+    assert opt2.radius == opt.radius and opt2.global_core.radius == opt.global_core.radius
 
 
 def test_micro_batches_give_the_same_iterates():

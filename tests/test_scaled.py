@@ -86,34 +86,6 @@ def flat(model):
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(scaling="adam"),
-    dict(scaling="adam", local_model="lbfgs", global_model="lsr1", norm="2"),
-    dict(scaling="adam", step="sign", radius_control="combined", damping=True),
-    dict(step="adam", radius_control="combined", global_iters=2),
-    dict(space="data", data_pred="local", scaling="adam", damping=True),
-], ids=["scaled", "scaled-qn", "scaled-sign-combined-damped", "adam-combined", "data-local"])
-def test_state_dict_round_trip_continues_identically(kwargs):
-    """D (the scaling's moment), the global pass's own radius and every engine resume bitwise."""
-    def make():
-        model, x, y = problem()
-        return model, x, y, APTS(model, torch.nn.functional.cross_entropy, subdomains=2, seed=4,
-                                 radius=0.1, max_radius=1.0, eta1=0.5, eta2=0.9, **kwargs)
-    model, x, y, opt = make()
-    for _ in range(3):
-        opt.step(x, y)
-    params, state = flat(model), opt.state_dict()
-    for _ in range(3):
-        opt.step(x, y)
-    model2, _, _, opt2 = make()
-    torch.nn.utils.vector_to_parameters(params, model2.parameters())
-    opt2.load_state_dict(state)
-    for _ in range(3):
-        opt2.step(x, y)
-    assert torch.equal(flat(model2), flat(model))
-    assert opt2.radius == opt.radius and opt2.global_core.radius == opt.global_core.radius
-
-
 def trial_repeats(**kwargs):
     """Local trials that re-propose the point just tried by the same local phase, and the local
     rejections, over 15 iterations of a small problem."""
