@@ -83,6 +83,7 @@ class IterationReport:
     accepted: bool = False
     radius: float = math.nan          # Delta_{k+1}
     step_inf: float = math.nan        # ||s||_inf
+    damped: int = -1                  # 1: the half step s/2 was taken (damping), 0: not, -1: no damping
     local_loss_evals: int = 0         # this rank
     local_grad_evals: int = 0
     local_loss_evals_total: int = 0   # all ranks
@@ -275,7 +276,9 @@ class APTS(Optimizer):
             loss0 = trial = loss = rho = math.nan
             accept = False
         else:
+            halves = self.damped_accepted
             accept, rho, loss0, trial, pred, loss = self._accept(loss0, pred, r.step_inf)
+            r.damped = self.damped_accepted - halves if self.damping else -1
         self.evaluator.sync()
         r.seconds_global = clock.lap()
         self._report_outcome(r, global_before, loss0, trial, loss, pred, rho, accept)
@@ -378,7 +381,7 @@ class APTS(Optimizer):
         r = self.report
         row = dict(loss=r.loss, final_loss=r.final_loss, radius=r.radius, rho=r.rho,
                    accepted=int(r.accepted), nonfinite=int(not math.isfinite(r.trial_loss)),
-                   step_inf=r.step_inf,
+                   step_inf=r.step_inf, damped=r.damped,
                    loss_evals=r.local_loss_evals_total + r.global_loss_evals,
                    grad_evals=r.local_grad_evals_total + r.global_grad_evals,
                    seconds_local=r.seconds_local, seconds_local_max=r.seconds_local_max,

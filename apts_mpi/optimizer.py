@@ -16,8 +16,11 @@ import torch
 # the per-iteration series every optimiser reports (the loop adds "epoch" and "seconds")
 RECORD_FIELDS = ("loss", "final_loss", "radius", "rho", "accepted", "nonfinite", "step_inf",
                  "loss_evals", "grad_evals", "seconds_local", "seconds_local_max", "seconds_comm",
-                 "seconds_global")
+                 "seconds_global", "damped")
+# damped: 1 where the iterate moved by the damped half step s/2 (APTS ``damping``), 0 where not,
+# -1 where the method has no damped combination
 RECORD_DEFAULTS = dict(radius=math.nan, rho=math.nan, accepted=-1, nonfinite=0, step_inf=math.nan,
+                       damped=-1,
                        seconds_local=math.nan, seconds_local_max=math.nan, seconds_comm=math.nan,
                        seconds_global=math.nan)
 

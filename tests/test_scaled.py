@@ -167,14 +167,21 @@ def test_damped_half_step_is_exact_on_a_quadratic():
 
 def test_damping_raises_acceptance_where_the_sum_overshoots():
     """Strict constants make the summed corrections fail often; the halves then pass."""
-    counts = {}
+    counts, halves = {}, {}
     for damping in (False, True):
         model, x, y = problem()
         opt = APTS(model, torch.nn.functional.cross_entropy, subdomains=4, seed=4, radius=0.5,
                    max_radius=1.0, eta1=0.6, eta2=0.9, damping=damping)
-        counts[damping] = sum(opt.step(x, y) is not None and opt.report.accepted for _ in range(10))
+        counts[damping], halves[damping] = 0, []
+        for _ in range(10):
+            opt.step(x, y)
+            counts[damping] += opt.report.accepted
+            halves[damping].append(opt.record()["damped"])
     assert counts[True] > counts[False]
     assert opt.damped_accepted >= 1 and opt.damped_tried >= opt.damped_accepted
+    # the record says which iterations moved by the half step: each of them an accepted one
+    assert halves[False] == [-1] * 10 and set(halves[True]) <= {0, 1}
+    assert sum(halves[True]) == opt.damped_accepted
 
 
 @pytest.mark.parametrize("kwargs, key", [

@@ -51,7 +51,8 @@ from .harness import (CONFIGS, build_apts, config_options, median, peak_memory_m
 MNIST_APTS = config_options(CONFIGS / "mnist-apts-n2.yaml")
 FAST = config_options(CONFIGS / "mnist-apts-fast-n2.yaml")
 RESNET_APTS = dict(acceptance="none", global_iters=1)
-DEVICE = dict(local_decisions="device")  # branch-free local phases, one transfer each
+# branch-free local phases, one transfer each (the scaled norm forms its steps on the host)
+DEVICE = dict(local_decisions="device", scaling="none")
 OPTIONS = {"default": {}, "bf16": dict(autocast="bf16"), "cost": dict(decomposition="cost"),
            "bf16+cost": dict(autocast="bf16", decomposition="cost"), "device": DEVICE,
            "fast": FAST, "fast+device": dict(FAST, **DEVICE)}
