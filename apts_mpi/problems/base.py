@@ -58,8 +58,10 @@ class Problem:
 
     def batch(self, indices: torch.Tensor) -> tuple:
         """The minibatch of the training samples ``indices``: a tuple of tensors on ``device``
-        sharing their first dimension."""
-        raise NotImplementedError
+        sharing their first dimension.  By default the rows ``indices`` of ``train_x`` and
+        ``train_y``, the samples of a problem that holds them in memory on ``device``."""
+        indices = indices.to(self.device)
+        return self.train_x[indices], self.train_y[indices]
 
     def evaluate(self, model: torch.nn.Module, comm: Comm) -> dict:
         """The per-epoch metrics ``{name: float}`` (every name of ``metrics``).

@@ -40,10 +40,6 @@ class Classification(Problem):
         return build_model(model["name"], self.input_shape, self.classes, model["head"]).to(
             self.device, self.dtype)
 
-    def batch(self, indices):
-        indices = indices.to(self.device)
-        return self.train_x[indices], self.train_y[indices]
-
     def evaluate(self, model, comm: Comm):
         chunk = self.cfg["data"]["test_batch_size"]
         loss, train_accuracy = evaluate(model, self.train_x, self.train_y, comm, chunk)

@@ -112,10 +112,6 @@ class TensorProblem(Problem):
         return build_imported(self.cfg["model"]["name"], self.input_shape, self.outputs).to(
             self.device, self.dtype)
 
-    def batch(self, indices):
-        indices = indices.to(self.device)
-        return self.train_x[indices], self.train_y[indices]
-
     def evaluate(self, model, comm: Comm):
         chunk = self.cfg["data"]["test_batch_size"]
         if self.classify:
